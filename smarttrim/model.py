@@ -1,0 +1,411 @@
+"""The METER backbone with SmartTrim trimmers: one model, a masking path (training) and a pruning path
+(inference) that share every decision function.
+
+Data flow (paper Sections 3.1 and 4; trimmers act at the *start* of a layer, on its input tokens):
+
+  text  -> RoBERTa (untrimmed) ------------------------------+--> [T_CLS] guides the visual trimmers
+  image -> ViT layers, token trimmers guided by [T_CLS] -----+
+  both  -> co-attention layers l = 1..L: trim both streams' tokens (each guided by the other stream's
+           previous-layer [CLS]), decide MSA/MCA heads, then text and image layers run on the kept
+           tokens, each cross-attending to the other stream's kept previous-layer output
+        -> poolers on each [CLS] -> concatenated features -> task head
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from transformers import RobertaConfig, RobertaModel
+
+from smarttrim.config import ModelConfig, TrimConfig, model_config
+from smarttrim.layers import CrossLayer, Heads, Pooler, Stream, vit_block_forward
+from smarttrim.losses import cost_loss, distill_kl, task_loss
+from smarttrim.trimmers import HeadTrimmer, RandomTokenTrimmer, TokenTrimmer, decide, random_rate
+
+GROUPS = ("vision_tokens", "text_tokens", "heads")
+
+
+def build_vision(cfg: ModelConfig) -> VisionTransformer:
+    """A timm ViT in CLIP layout (pre-norm, no patch-embed bias, QuickGELU), returning all tokens."""
+    vit = VisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vision_width, depth=cfg.vision_layers,
+        num_heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio, qkv_bias=True, pre_norm=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer=cfg.vision_act, num_classes=0, global_pool="",
+    )
+    for i, block in enumerate(vit.blocks):  # our attention re-implements timm's; guard what it omits
+        if not isinstance(block.attn.norm, nn.Identity):
+            raise ValueError(f"vision block {i}: timm attention scale-norm is not supported")
+    return vit
+
+
+def build_text(cfg: ModelConfig) -> RobertaModel:
+    """A transformers RoBERTa encoder (no pooler) built from the config: no hub access."""
+    rc = RobertaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+        max_position_embeddings=cfg.text_max_positions, type_vocab_size=1, layer_norm_eps=1e-5,
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+    )
+    return RobertaModel(rc, add_pooling_layer=False)
+
+
+def build_head(cfg: ModelConfig) -> nn.Sequential:
+    """METER's task heads over the concatenated [text; image] pooled features (2h; NLVR2: two pairs, 4h)."""
+    h = cfg.hidden_size
+    if cfg.task == "retrieval":  # ITM score head (METER's ITMHead.fc)
+        return nn.Sequential(nn.Linear(2 * h, 2))
+    in_dim = 4 * h if cfg.task == "nlvr2" else 2 * h
+    return nn.Sequential(nn.Linear(in_dim, 2 * h), nn.LayerNorm(2 * h), nn.GELU(), nn.Linear(2 * h, cfg.num_labels))
+
+
+def _meter_init(module: nn.Module) -> None:
+    """METER's init_weights for the modules it adds on top of the uni-modal encoders."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        module.weight.data.normal_(mean=0.0, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+class METERBackbone(nn.Module):
+    """METER's modules under METER's names (``cross_modal_*``, ``token_type_embeddings``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.vision = build_vision(cfg)
+        self.text = build_text(cfg)
+        self.cross_modal_text_transform = nn.Linear(cfg.text_hidden, h)
+        self.cross_modal_image_transform = nn.Linear(cfg.vision_width, h)
+        self.token_type_embeddings = nn.Embedding(3 if cfg.task == "nlvr2" else 2, h)
+        layer = partial(CrossLayer, h, cfg.cross_heads, cfg.cross_intermediate, cfg.layer_norm_eps, cfg.dropout)
+        self.cross_modal_text_layers = nn.ModuleList(layer() for _ in range(cfg.cross_layers))
+        self.cross_modal_image_layers = nn.ModuleList(layer() for _ in range(cfg.cross_layers))
+        self.cross_modal_text_pooler = Pooler(h)
+        self.cross_modal_image_pooler = Pooler(h)
+        for name, child in self.named_children():
+            if name not in ("vision", "text"):
+                child.apply(_meter_init)
+
+
+class TrimmerSet(nn.Module):
+    """Every trimmer of a model, keyed by layer index (as a string) per placement."""
+
+    def __init__(self, cfg: ModelConfig, trim: TrimConfig) -> None:
+        super().__init__()
+        init = trim.init_keep_logit if trim.stable_init else None
+        vision_layers = trim.vision_token_layers
+        if vision_layers is None:
+            vision_layers = tuple(range(1, cfg.vision_layers))
+        cross_layers = trim.cross_token_layers if trim.cross_token_layers is not None else tuple(
+            range(cfg.cross_layers))
+        for name, layers, depth in (("vision_token_layers", vision_layers, cfg.vision_layers),
+                                    ("cross_token_layers", cross_layers, cfg.cross_layers)):
+            bad = [i for i in layers if i >= depth]
+            if bad:
+                raise ValueError(f"{name}={layers!r}: layers {bad} do not exist (the encoder has {depth})")
+
+        def dim(width: int) -> int:
+            return trim.trimmer_dim or max(8, width // 4)
+
+        def token(width: int, other: int) -> nn.Module:
+            if trim.token_trimmer == "random":
+                return RandomTokenTrimmer()
+            return TokenTrimmer(width, width, other, dim(width), trim.token_trimmer, init)
+
+        h, vw, th = cfg.hidden_size, cfg.vision_width, cfg.text_hidden
+        trim_vision, trim_text, trim_heads = (trim.token_target_vision < 1, trim.token_target_text < 1,
+                                              trim.head_target < 1)
+        self.vision_tokens = nn.ModuleDict({str(i): token(vw, th) for i in vision_layers if trim_vision})
+        self.image_tokens = nn.ModuleDict({str(i): token(h, h) for i in cross_layers if trim_vision})
+        self.text_tokens = nn.ModuleDict({str(i): token(h, h) for i in cross_layers if trim_text})
+        vision_heads = trim_heads and trim.vision_head_trim
+        self.vision_heads = nn.ModuleDict({str(i): HeadTrimmer(vw, cfg.vision_heads, dim(vw), init)
+                                           for i in range(cfg.vision_layers) if vision_heads})
+        cross_heads = range(cfg.cross_layers) if trim_heads and trim.cross_head_trim else ()
+        for stream in ("text", "image"):
+            self.add_module(f"{stream}_msa_heads", nn.ModuleDict(
+                {str(i): HeadTrimmer(h, cfg.cross_heads, dim(h), init) for i in cross_heads}))
+            self.add_module(f"{stream}_mca_heads", nn.ModuleDict(
+                {str(i): HeadTrimmer(2 * h, cfg.cross_heads, dim(h), init) for i in cross_heads}))
+
+    def get(self, placement: str, layer: int) -> nn.Module | None:
+        table: nn.ModuleDict = getattr(self, placement)
+        return table[str(layer)] if str(layer) in table else None
+
+    def set_random_rates(self, gamma: dict[str, float]) -> None:
+        """Random token trimmers keep each token with r such that their chain's mean keep ratio is γ."""
+        vision = [*self.vision_tokens.values(), *self.image_tokens.values()]
+        for chain, group in ((vision, "vision_tokens"), (list(self.text_tokens.values()), "text_tokens")):
+            rate = random_rate(gamma[group], len(chain))
+            for trimmer in chain:
+                if isinstance(trimmer, RandomTokenTrimmer):
+                    trimmer.rate = rate
+
+
+@dataclass
+class SmartTrimOutput:
+    """What ``SmartTrimModel.forward`` returns (B = instances; NLVR2 runs 2B image-text passes)."""
+
+    logits: Tensor
+    """(B, num_labels)."""
+    loss: Tensor | None = None
+    """With labels: eq. 12's total loss in training, the task loss in evaluation."""
+    loss_parts: dict[str, Tensor] = field(default_factory=dict)
+    """``task``; in training also ``cost`` and, with self-distillation, ``sd`` = ``sd_task`` + ``sd_kl``."""
+    keep: dict[str, Tensor] = field(default_factory=dict)
+    """Trimmed module name -> (B,) fraction of its trimmable tokens (cumulative) or heads kept."""
+    keep_groups: dict[str, Tensor] = field(default_factory=dict)
+    """Group (``vision_tokens``, ``text_tokens``, ``heads``) -> (B,) mean of its modules' ``keep``."""
+    sizes: dict[str, Tensor] = field(default_factory=dict)
+    """Trimmed module name -> (B,) tokens alive after it (prefix included) or heads kept."""
+    text_hidden: Tensor | None = None
+    """(B', Nt, h) final text-stream states; rows of pruned tokens are meaningless (see ``text_keep``)."""
+    text_keep: Tensor | None = None
+    """(B', Nt) 0/1: which rows of ``text_hidden`` are kept tokens."""
+    image_hidden: Tensor | None = None
+    """(B', Ni, h) final image-stream states."""
+    image_keep: Tensor | None = None
+    """(B', Ni) 0/1."""
+
+
+@dataclass
+class _Run:
+    """Per-forward trimming context: how to decide, how to apply, and what was decided."""
+
+    trimmers: TrimmerSet | None
+    sample: bool
+    prune: bool
+    tau: float
+    records: dict[str, tuple[str, Tensor, Tensor]] = field(default_factory=dict)
+
+    def tokens(self, stream: Stream, placement: str, layer: int, c_self: Tensor, c_other: Tensor, name: str,
+               group: str) -> Stream:
+        trimmer = None if self.trimmers is None else self.trimmers.get(placement, layer)
+        if trimmer is None:
+            return stream
+        decision = decide(trimmer(stream.x, c_self, c_other), self.tau, self.sample)  # (B, N)
+        stream = stream.apply(decision, self.prune)
+        self.records[name] = (group, stream.kept_fraction(), stream.keep.sum(1))
+        return stream
+
+    def heads(self, placement: str, layer: int, guide: Tensor, name: str) -> Heads | None:
+        trimmer = None if self.trimmers is None else self.trimmers.get(placement, layer)
+        if trimmer is None:
+            return None
+        decision = decide(trimmer(guide), self.tau, self.sample)  # (B, H)
+        self.records[name] = ("heads", decision.mean(1), decision.sum(1))
+        return Heads.from_decision(decision, self.prune)
+
+
+class SmartTrimModel(nn.Module):
+    """METER + SmartTrim. ``trim=None`` is the plain backbone (same backbone parameter names)."""
+
+    def __init__(self, config: ModelConfig, trim: TrimConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.trim_config = trim
+        self.backbone = METERBackbone(config)
+        self.head = build_head(config)
+        self.head.apply(_meter_init)
+        self.trimmers = TrimmerSet(config, trim) if trim is not None else None
+        self.progress = 0.0
+
+    # ------------------------------------------------------------------ public API
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1]; drives the curriculum scheduler of the cost loss targets γ."""
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress={progress!r}: must be in [0, 1]")
+        self.progress = float(progress)
+
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """Backbone + head weights (no trimmers): loads into this model with or without trimming."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("trimmers.")}
+
+    def load_backbone_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load backbone (+ head) weights; only trimmer parameters may be missing."""
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("trimmers.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"backbone state dict mismatch: missing {missing[:20]}, "
+                             f"unexpected {list(result.unexpected_keys)[:20]}")
+
+    def dummy_batch(self, batch_size: int = 2, seed: int = 0, with_labels: bool = True) -> dict[str, Tensor]:
+        """Valid random inputs (and labels) for this model's config and task."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        images = (batch_size, 2) if cfg.task == "nlvr2" else (batch_size,)
+        pixel_values = torch.randn(*images, 3, cfg.image_size, cfg.image_size, generator=g)
+        lengths = torch.randint(3, cfg.max_text_len + 1, (batch_size,), generator=g)
+        lengths[0] = cfg.max_text_len  # the longest fixes the padded width
+        input_ids = torch.full((batch_size, cfg.max_text_len), cfg.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch_size, cfg.max_text_len, dtype=torch.long)
+        low = max(cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) + 1
+        for b, n in enumerate(lengths.tolist()):
+            input_ids[b, :n] = torch.randint(low, cfg.vocab_size, (n,), generator=g)
+            input_ids[b, 0], input_ids[b, n - 1] = cfg.bos_token_id, cfg.eos_token_id
+            attention_mask[b, :n] = 1
+        batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+        if with_labels:
+            if cfg.task == "vqa":  # soft VQA scores: min(1, 0.3 * #annotators who gave the answer)
+                counts = torch.randint(0, 4, (batch_size, cfg.num_labels), generator=g)
+                counts *= torch.rand(batch_size, cfg.num_labels, generator=g) < 3.0 / cfg.num_labels
+                batch["labels"] = torch.clamp(0.3 * counts.float(), max=1.0)
+            else:
+                batch["labels"] = torch.randint(0, cfg.num_labels, (batch_size,), generator=g)
+        return batch
+
+    def forward(self, batch: dict[str, Tensor], path: str | None = None) -> SmartTrimOutput:
+        """Run the model on a batch dict (``pixel_values``, ``input_ids``, ``attention_mask``[, ``labels``]).
+
+        path: ``"mask"`` (training path: fixed shapes, masks) or ``"prune"`` (inference path: tokens and
+        heads removed). Default: mask in ``train()`` mode, prune in ``eval()`` mode. Decisions are sampled
+        (eq. 8) in train mode and deterministic (σ(π) > 0.5) in eval mode, on either path.
+        """
+        if path is None:
+            path = "mask" if self.training else "prune"
+        if path not in ("mask", "prune"):
+            raise ValueError(f"path={path!r}: must be 'mask' or 'prune'")
+        pixel_values, input_ids, attention_mask, labels = self._check_batch(batch)
+        cfg, trim = self.config, self.trim_config
+        batch_size = input_ids.shape[0]
+        gamma = trim.gamma(self.progress if self.training else 1.0) if trim is not None else {}
+        if self.trimmers is not None and trim is not None and trim.token_trimmer == "random":
+            self.trimmers.set_random_rates(gamma)
+
+        text = self.backbone.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if cfg.task == "nlvr2":  # two image-text passes per instance, image token types 1 and 2
+            pixel_values = pixel_values.flatten(0, 1)  # (2B, 3, H, W)
+            text, attention_mask = text.repeat_interleave(2, 0), attention_mask.repeat_interleave(2, 0)
+            image_type = torch.arange(2 * batch_size, device=text.device) % 2 + 1
+        else:
+            image_type = torch.ones(batch_size, dtype=torch.long, device=text.device)
+
+        tau = trim.tau if trim is not None else 1.0
+        run = _Run(self.trimmers, sample=self.training, prune=path == "prune", tau=tau)
+        pooled, t, i = self._fuse(pixel_values, text, attention_mask, image_type, run)
+        logits = self.head(pooled.view(batch_size, -1))  # NLVR2: (B, 2 x 2h)
+        out = SmartTrimOutput(logits=logits, text_hidden=t.x, text_keep=t.keep, image_hidden=i.x,
+                              image_keep=i.keep)
+        self._summarize(run, batch_size, out)
+        if labels is None:
+            return out
+
+        parts = {"task": task_loss(cfg.task, logits, labels)}
+        loss = parts["task"]
+        if self.training and self.trimmers is not None and trim is not None:
+            if out.keep_groups:
+                parts["cost"] = cost_loss(out.keep_groups, gamma)
+                loss = loss + trim.lambda_cost * parts["cost"]
+            if trim.self_distill:  # eq. 11: full-capacity forward f(x, ∅) on the same inputs
+                full = _Run(None, sample=False, prune=False, tau=tau)
+                full_logits = self.head(self._fuse(pixel_values, text, attention_mask, image_type, full)[0]
+                                        .view(batch_size, -1))
+                parts["sd_task"] = task_loss(cfg.task, full_logits, labels)
+                parts["sd_kl"] = distill_kl(cfg.task, logits, full_logits)
+                parts["sd"] = parts["sd_task"] + parts["sd_kl"]
+                loss = loss + trim.lambda_sd * parts["sd"]
+        out.loss, out.loss_parts = loss, parts
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _check_batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        cfg = self.config
+        for key in ("pixel_values", "input_ids", "attention_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+        pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        image = (3, cfg.image_size, cfg.image_size)
+        want = (ids.shape[0], 2, *image) if cfg.task == "nlvr2" else (ids.shape[0], *image)
+        if tuple(pv.shape) != want:
+            raise ValueError(f"batch['pixel_values'] has shape {tuple(pv.shape)}, expected {want} "
+                             f"(task {cfg.task!r}, image_size {cfg.image_size})")
+        if ids.dim() != 2 or mask.shape != ids.shape:
+            raise ValueError(f"batch['input_ids'] {tuple(ids.shape)} and batch['attention_mask'] "
+                             f"{tuple(mask.shape)} must both be (B, T)")
+        if ids.shape[1] > cfg.text_max_positions - cfg.pad_token_id - 1:
+            raise ValueError(f"batch['input_ids'] has {ids.shape[1]} tokens; the text encoder takes at most "
+                             f"{cfg.text_max_positions - cfg.pad_token_id - 1}")
+        if not bool(mask[:, 0].all()):
+            raise ValueError("batch['attention_mask'][:, 0] must be 1: the first token is the [CLS] prefix")
+        labels = batch.get("labels")
+        if labels is not None:
+            want_labels = (ids.shape[0], cfg.num_labels) if cfg.task == "vqa" else (ids.shape[0],)
+            if tuple(labels.shape) != want_labels:
+                raise ValueError(f"batch['labels'] has shape {tuple(labels.shape)}, expected {want_labels} "
+                                 f"for task {cfg.task!r}")
+        return pv, ids, mask, labels
+
+    def _encode_image(self, pixel_values: Tensor, text_cls: Tensor, run: _Run) -> Stream:
+        """Visual encoder with token trimmers guided by the text [CLS]. -> Stream after the final norm."""
+        vit = self.backbone.vision
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))  # (B, 1+P, Dv)
+        b, n = x.shape[:2]
+        s = Stream(x, keep=x.new_ones(b, n), n0=x.new_full((b,), n - 1))
+        for layer, block in enumerate(vit.blocks):
+            s = run.tokens(s, "vision_tokens", layer, s.x[:, 0], text_cls, f"vision.{layer}.tokens",
+                           "vision_tokens")
+            heads = run.heads("vision_heads", layer, s.x[:, 0], f"vision.{layer}.heads")
+            s = replace(s, x=vit_block_forward(block, s.x, s.key_mask(), heads))
+        return replace(s, x=vit.norm(s.x))
+
+    def _fuse(self, pixel_values: Tensor, text: Tensor, text_mask: Tensor, image_type: Tensor,
+              run: _Run) -> tuple[Tensor, Stream, Stream]:
+        """Visual encoder + co-attention layers + poolers -> ((B', 2h) pooled features, text, image)."""
+        bb = self.backbone
+        image = self._encode_image(pixel_values, text[:, 0], run)
+        keep_t = text_mask.to(text.dtype)
+        t = Stream(bb.cross_modal_text_transform(text) + bb.token_type_embeddings(torch.zeros_like(text_mask)),
+                   keep=keep_t, n0=keep_t.sum(1) - 1)
+        i = replace(image, x=bb.cross_modal_image_transform(image.x)
+                    + bb.token_type_embeddings(image_type)[:, None])
+        for layer, (text_layer, image_layer) in enumerate(zip(bb.cross_modal_text_layers,
+                                                              bb.cross_modal_image_layers, strict=True)):
+            c_t, c_i = t.x[:, 0], i.x[:, 0]  # previous-layer [CLS] of each stream
+            t = run.tokens(t, "text_tokens", layer, c_t, c_i, f"cross.text.{layer}.tokens", "text_tokens")
+            i = run.tokens(i, "image_tokens", layer, c_i, c_t, f"cross.image.{layer}.tokens", "vision_tokens")
+            t_msa = run.heads("text_msa_heads", layer, c_t, f"cross.text.{layer}.msa_heads")
+            t_mca = run.heads("text_mca_heads", layer, torch.cat([c_t, c_i], -1), f"cross.text.{layer}.mca_heads")
+            i_msa = run.heads("image_msa_heads", layer, c_i, f"cross.image.{layer}.msa_heads")
+            i_mca = run.heads("image_mca_heads", layer, torch.cat([c_i, c_t], -1),
+                              f"cross.image.{layer}.mca_heads")
+            t_keys, i_keys = t.key_mask(), i.key_mask()
+            x_t = text_layer(t.x, i.x, t_keys, i_keys, t_msa, t_mca)
+            x_i = image_layer(i.x, t.x, i_keys, t_keys, i_msa, i_mca)
+            t, i = replace(t, x=x_t), replace(i, x=x_i)
+        pooled = torch.cat([bb.cross_modal_text_pooler(t.x), bb.cross_modal_image_pooler(i.x)], dim=-1)
+        return pooled, t, i
+
+    def _summarize(self, run: _Run, batch_size: int, out: SmartTrimOutput) -> None:
+        """Per-module and per-group keep ratios per instance (NLVR2: mean of the two passes)."""
+        groups: dict[str, list[Tensor]] = {}
+        for name, (group, fraction, size) in run.records.items():
+            fraction = fraction.view(batch_size, -1).mean(1)
+            out.keep[name] = fraction
+            out.sizes[name] = size.view(batch_size, -1).float().mean(1)
+            groups.setdefault(group, []).append(fraction)
+        out.keep_groups = {g: torch.stack(v).mean(0) for g, v in groups.items()}
+
+
+def build_model(preset: str | ModelConfig = "meter-tiny", task: str = "vqa", num_labels: int | None = None,
+                trim: TrimConfig | None = None, **overrides: object) -> SmartTrimModel:
+    """Build a randomly initialized model from a preset (``meter-base``, ``meter-tiny``) or a ModelConfig.
+
+    ``overrides`` replace preset fields (e.g. ``dropout=0.0``, ``image_size=384``).
+    """
+    if isinstance(preset, ModelConfig):
+        cfg = dataclasses.replace(preset, **overrides) if overrides else preset
+    else:
+        cfg = model_config(preset, task=task, num_labels=num_labels, **overrides)
+    return SmartTrimModel(cfg, trim)
+
+
+__all__ = ["GROUPS", "METERBackbone", "SmartTrimModel", "SmartTrimOutput", "TrimmerSet", "build_model"]
