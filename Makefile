@@ -26,7 +26,6 @@ run: install
 
 lint: install
 	$(VENV)/bin/ruff check smarttrim tests bench
-	$(VENV)/bin/ruff format --check smarttrim tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

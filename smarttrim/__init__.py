@@ -10,7 +10,9 @@ Public API::
 """
 
 from smarttrim.config import PRESETS, ModelConfig, TrimConfig, model_config
+from smarttrim.flops import analytic_macs, count_flops
+from smarttrim.io import load_model, save_pretrained
 from smarttrim.model import SmartTrimModel, SmartTrimOutput, build_model
 
-__all__ = ["PRESETS", "ModelConfig", "SmartTrimModel", "SmartTrimOutput", "TrimConfig", "build_model",
-           "model_config"]
+__all__ = ["PRESETS", "ModelConfig", "SmartTrimModel", "SmartTrimOutput", "TrimConfig", "analytic_macs",
+           "build_model", "count_flops", "load_model", "model_config", "save_pretrained"]

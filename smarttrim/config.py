@@ -184,7 +184,8 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # METER-CLIP16-RoBERTa: ViT-B/16 at 288^2, RoBERTa-base, 6 co-attention layers of 768 / 12 heads.
-    "meter-base": dict(name="meter-base"),
+    # METER's CLIP builds layers - 1 = 11 residual blocks (its checkpoints hold 11): so do we.
+    "meter-base": dict(name="meter-base", vision_layers=11),
     # Test/CI size: every test of the suite runs on 2 CPU cores.
     "meter-tiny": dict(
         name="meter-tiny", image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=4,

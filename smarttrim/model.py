@@ -14,6 +14,7 @@ Data flow (paper Sections 3.1 and 4; trimmers act at the *start* of a layer, on 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -139,7 +140,7 @@ class TrimmerSet(nn.Module):
 
     def get(self, placement: str, layer: int) -> nn.Module | None:
         table: nn.ModuleDict = getattr(self, placement)
-        return table[str(layer)] if str(layer) in table else None
+        return table[str(layer)] if str(layer) in table else None  # noqa: SIM401 (ModuleDict has no .get)
 
     def set_random_rates(self, gamma: dict[str, float]) -> None:
         """Random token trimmers keep each token with r such that their chain's mean keep ratio is γ."""
@@ -225,6 +226,12 @@ class SmartTrimModel(nn.Module):
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress={progress!r}: must be in [0, 1]")
         self.progress = float(progress)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Save to a directory: ``model.safetensors`` + ``config.json`` (see ``smarttrim.io``)."""
+        from smarttrim.io import save_pretrained
+
+        save_pretrained(self, path)
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """Backbone + head weights (no trimmers): loads into this model with or without trimming."""
