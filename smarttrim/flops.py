@@ -69,6 +69,7 @@ def analytic_macs(model: SmartTrimModel, out: SmartTrimOutput, text_len: int) ->
 
     Counts every Linear, convolution and attention product (backbone, trimmers, head); skips the
     element-wise work (norms, activations) that torchprofile also counts, so it is a little lower.
+    NLVR2's two image passes are both counted with the mean of their sizes (exact when they agree).
     """
     cfg, trim, trimmers = model.config, model.trim_config, model.trimmers
     sizes = {k: int(round(float(v[0]))) for k, v in out.sizes.items()}

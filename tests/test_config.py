@@ -1,0 +1,83 @@
+"""Config validation: bad values name the field; unknown keys are errors; presets build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny
+
+import smarttrim
+from smarttrim.config import PRESETS, ModelConfig, TrimConfig, model_config
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"token_target_vision": 0.0}, "token_target_vision"), ({"head_target": 1.5}, "head_target"),
+    ({"tau": 0.0}, "tau"), ({"lambda_cost": -1.0}, "lambda_cost"), ({"curriculum": 2.0}, "curriculum"),
+    ({"token_trimmer": "topk"}, "token_trimmer"), ({"vision_token_layers": (1, 1)}, "vision_token_layers"),
+    ({"trimmer_dim": 1}, "trimmer_dim"), ({"init_keep_logit": -1.0}, "init_keep_logit"),
+])
+def test_trim_config_rejects_bad_values(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrimConfig(**kwargs)
+
+
+def test_trim_config_round_trips_and_rejects_unknown_keys() -> None:
+    trim = TrimConfig(vision_token_layers=(1, 2), token_trimmer="local")
+    assert TrimConfig.from_dict(trim.to_dict()) == trim
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrimConfig.from_dict({"token_target": 0.5})
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"image_size": 30}, "image_size"), ({"hidden_size": 65}, "hidden_size"), ({"task": "caption"}, "task"),
+    ({"task": "nlvr2", "num_labels": 5}, "num_labels"), ({"dropout": 1.0}, "dropout"),
+    ({"max_text_len": 600}, "max_text_len"),
+])
+def test_model_config_rejects_bad_values(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{"num_labels": 3129, **kwargs})
+
+
+def test_presets() -> None:
+    with pytest.raises(ValueError, match="preset"):
+        model_config("meter-huge")
+    with pytest.raises(ValueError, match="num_labels"):
+        model_config("meter-tiny", task="vqa")
+    assert model_config("meter-tiny", task="nlvr2").num_labels == 2
+    base = model_config("meter-base", task="vqa", num_labels=3129)
+    assert (base.image_size, base.patch_size, base.vision_width, base.vision_layers) == (288, 16, 768, 11)
+    assert (base.text_hidden, base.text_layers, base.cross_layers, base.hidden_size, base.cross_heads) == (
+        768, 12, 6, 768, 12)
+    assert set(PRESETS) == {"meter-base", "meter-tiny"}
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "snli_ve", "retrieval"])
+def test_every_task_runs_both_paths(task: str) -> None:
+    model = tiny(task, trim=TrimConfig())
+    batch = model.dummy_batch(2, seed=0)
+    out = model(batch)
+    assert out.logits.shape == (2, model.config.num_labels) and torch.isfinite(out.loss)
+    assert set(out.keep_groups) == {"vision_tokens", "text_tokens", "heads"}
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).logits.shape == (2, model.config.num_labels)
+
+
+def test_bad_batches_raise_clear_errors() -> None:
+    model = tiny()
+    batch = model.dummy_batch(2)
+    with pytest.raises(KeyError, match="pixel_values"):
+        model({k: v for k, v in batch.items() if k != "pixel_values"})
+    with pytest.raises(ValueError, match=r"pixel_values.*\(2, 3, 32, 32\)"):
+        model({**batch, "pixel_values": torch.zeros(2, 3, 64, 64)})
+    with pytest.raises(ValueError, match="labels"):
+        model({**batch, "labels": torch.zeros(2, 7)})
+    with pytest.raises(ValueError, match="attention_mask"):
+        model({**batch, "attention_mask": batch["attention_mask"][:, :3]})
+    with pytest.raises(ValueError, match="CLS"):
+        model({**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])})
+    with pytest.raises(ValueError, match="path"):
+        model(batch, path="fast")
+    nlvr2 = tiny("nlvr2")
+    with pytest.raises(ValueError, match=r"\(2, 2, 3, 32, 32\)"):
+        nlvr2({**nlvr2.dummy_batch(2), "pixel_values": torch.zeros(2, 3, 32, 32)})

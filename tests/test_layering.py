@@ -1,0 +1,28 @@
+"""Imports point one way (DESIGN.md): smarttrim never loads ray, mlflow, deepspeed, stages or pipeline."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+FORBIDDEN = ("ray", "mlflow", "deepspeed", "stages", "pipeline")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_smarttrim_loads_no_upper_layer() -> None:
+    code = ("import sys, smarttrim, smarttrim.checkpoints, smarttrim.flops, smarttrim.io; "
+            f"print([m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_smarttrim_sources_import_no_upper_layer() -> None:
+    bad = []
+    for file in (ROOT / "smarttrim").rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{file.name}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+    assert not bad
