@@ -153,7 +153,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vocab_size",
                      "text_hidden", "text_layers", "text_heads", "text_intermediate", "max_text_len",
-                     "text_max_positions", "hidden_size", "cross_layers", "cross_heads", "cross_intermediate", "num_labels"):
+                     "text_max_positions", "hidden_size", "cross_layers", "cross_heads", "cross_intermediate",
+                     "num_labels"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, name, v, "must be a positive integer")
         _check(self.image_size % self.patch_size == 0, "image_size", self.image_size,

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import tiny
 
-import smarttrim
 from smarttrim.config import PRESETS, ModelConfig, TrimConfig, model_config
 
 

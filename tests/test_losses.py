@@ -75,7 +75,7 @@ def test_total_loss_is_eq_12(task: str, progress: float) -> None:
     gamma = trim.gamma(progress)
     beta = {g: float(v.detach().mean()) for g, v in out.keep_groups.items()}
     cost = sum((beta[g] - gamma[g]) ** 2 for g in beta) / len(beta)
-    assert float(parts["cost"]) == pytest.approx(cost, rel=1e-5)
+    assert float(parts["cost"].detach()) == pytest.approx(cost, rel=1e-5)
     # keep_groups are the per-group means of the per-module keep ratios
     members = {"heads": lambda k: k.endswith("heads"),
                "text_tokens": lambda k: k.startswith("cross.text.") and k.endswith(".tokens"),
