@@ -21,6 +21,7 @@ import torch
 
 import smarttrim
 from smarttrim.flops import count_flops, strip_padding
+from smarttrim.trimmers import HeadTrimmer
 
 
 def keep_first_heads(model: smarttrim.SmartTrimModel, ratio: float) -> None:
@@ -28,8 +29,8 @@ def keep_first_heads(model: smarttrim.SmartTrimModel, ratio: float) -> None:
     assert model.trimmers is not None
     with torch.no_grad():
         for module in model.trimmers.modules():
-            if hasattr(module, "mlp") and isinstance(module.mlp, torch.nn.Sequential):
-                last = module.mlp[-1]
+            if isinstance(module, HeadTrimmer):
+                last = module.output_layer
                 last.weight.zero_()
                 last.bias.fill_(-1.0)
                 last.bias[: round(ratio * last.bias.numel())] = 1.0

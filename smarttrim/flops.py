@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchprofile import profile_macs
 
 from smarttrim.model import SmartTrimModel, SmartTrimOutput
+from smarttrim.trimmers import TokenTrimmer
 
 _INPUTS = ("pixel_values", "input_ids", "attention_mask")
 
@@ -79,7 +80,7 @@ def analytic_macs(model: SmartTrimModel, out: SmartTrimOutput, text_len: int) ->
 
     def token_trimmer(n: int, width: int, other: int, placement: str, layer: int) -> int:
         t = None if trimmers is None else trimmers.get(placement, layer)
-        if t is None or not hasattr(t, "proj"):
+        if not isinstance(t, TokenTrimmer):  # absent, or random (no parameters, no work)
             return 0
         d = dim(width)
         macs = n * _mlp_macs(width, d, max(d // 2, 1), 1)

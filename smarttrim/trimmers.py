@@ -67,6 +67,11 @@ class TokenTrimmer(nn.Module):
                 nn.init.zeros_(self.w_k.weight)
         _stable_init(self.local[-1], init_keep_logit)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last layer of the local score network (its bias is the keep logit under stable init)."""
+        return self.local[-1]
+
     def forward(self, x: Tensor, c_self: Tensor, c_other: Tensor) -> Tensor:
         """x (B, N, D), c_self (B, Ds), c_other (B, Dc) -> informative scores π_t (B, N)."""
         h = self.proj(x)  # (B, N, D')
@@ -98,6 +103,11 @@ class HeadTrimmer(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, trim_dim), nn.GELU(), nn.Linear(trim_dim, num_heads))
         _stable_init(self.mlp[-1], init_keep_logit)
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last layer of the score network: one output (keep logit) per head."""
+        return self.mlp[-1]
 
     def forward(self, guide: Tensor) -> Tensor:
         """guide (B, in_dim): c_s for an MSA, [c_s, c_c] for an MCA -> π_h (B, H)."""

@@ -7,6 +7,7 @@ import torch
 
 import smarttrim
 from smarttrim.model import SmartTrimModel
+from smarttrim.trimmers import HeadTrimmer, TokenTrimmer
 
 # one thread: tiny models gain nothing from two, and lose a lot when the two cores are shared
 torch.set_num_threads(1)
@@ -41,21 +42,21 @@ def set_trimmer_bias(model: SmartTrimModel, token_bias: float | None = None, hea
     the score is exactly that bias (all kept for bias > 0, all dropped for bias < 0)."""
     assert model.trimmers is not None
     with torch.no_grad():
-        for name, module in model.trimmers.named_modules():
-            if hasattr(module, "local"):  # TokenTrimmer
-                last = module.local[-1]
-                if token_bias is not None:
-                    last.bias.fill_(token_bias)
-                    if zero_weights:
-                        last.weight.zero_()
-                        if hasattr(module, "w_k"):
-                            module.w_k.weight.zero_()
-            elif hasattr(module, "mlp") and name:  # HeadTrimmer
-                last = module.mlp[-1]
-                if head_bias is not None:
-                    last.bias.fill_(head_bias)
-                    if zero_weights:
-                        last.weight.zero_()
+        for module in model.trimmers.modules():
+            bias = token_bias if isinstance(module, TokenTrimmer) else head_bias
+            if not isinstance(module, TokenTrimmer | HeadTrimmer) or bias is None:
+                continue
+            module.output_layer.bias.fill_(bias)
+            if zero_weights:
+                module.output_layer.weight.zero_()
+                if isinstance(module, TokenTrimmer) and module.kind == "cross_modal":
+                    module.w_k.weight.zero_()
+
+
+def score_layers(model: SmartTrimModel) -> list[torch.nn.Linear]:
+    """The output layer of every learned trimmer's score network."""
+    assert model.trimmers is not None
+    return [m.output_layer for m in model.trimmers.modules() if isinstance(m, TokenTrimmer | HeadTrimmer)]
 
 
 def instance(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

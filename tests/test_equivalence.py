@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import instance, randomize_trimmers, set_trimmer_bias, tiny
+from conftest import instance, randomize_trimmers, score_layers, set_trimmer_bias, tiny
 
 import smarttrim
 from smarttrim.layers import Stream
 from smarttrim.model import _Run
+from smarttrim.trimmers import TokenTrimmer
 
 ATOL = 1e-5
 
@@ -180,12 +181,11 @@ def test_training_path_with_hard_masks_equals_pruning_path(task: str) -> None:
     model = tiny(task, trim=smarttrim.TrimConfig(vision_head_trim=True, self_distill=False))
     randomize_trimmers(model, seed=7)
     with torch.no_grad():  # scale every score network's output: |π| ~ 100s, Gumbel noise cannot flip it
-        for module in model.trimmers.modules():
-            last = module.local[-1] if hasattr(module, "local") else getattr(module, "mlp", [None])[-1]
-            if isinstance(last, torch.nn.Linear):
-                last.weight.mul_(300.0), last.bias.mul_(300.0)
-            if hasattr(module, "w_k"):
-                module.w_k.weight.mul_(300.0)
+        for last in score_layers(model):
+            last.weight.mul_(300.0), last.bias.mul_(300.0)
+        for trimmer in model.trimmers.modules():
+            if isinstance(trimmer, TokenTrimmer):
+                trimmer.w_k.weight.mul_(300.0)
     batch = model.dummy_batch(4, seed=7)
     model.eval()
     with torch.no_grad():

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import instance, randomize_trimmers, set_trimmer_bias, tiny
+from conftest import instance, randomize_trimmers, score_layers, set_trimmer_bias, tiny
 
 import smarttrim
 from smarttrim.flops import analytic_macs, count_flops
+from smarttrim.trimmers import HeadTrimmer
 
 
 def _flops_and_analytic(model: smarttrim.SmartTrimModel, one: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -38,7 +39,7 @@ def test_flops_fall_strictly_as_token_keep_ratios_fall() -> None:
     previous_keep, previous_macs = 1.0, count_flops(model, one)
     for placement, layer in order:
         with torch.no_grad():
-            getattr(model.trimmers, placement)[layer].local[-1].bias.fill_(-10.0)
+            getattr(model.trimmers, placement)[layer].output_layer.bias.fill_(-10.0)
             keep = float(torch.cat(list(model(one).keep_groups.values())).mean())
         macs = count_flops(model, one)
         assert keep < previous_keep and macs < previous_macs, (placement, layer, keep, macs)
@@ -54,9 +55,9 @@ def test_flops_fall_strictly_as_heads_are_dropped() -> None:
     for kept in range(heads, -1, -1):  # keep the first `kept` heads of every attention module
         set_trimmer_bias(model, head_bias=1.0, zero_weights=True)
         with torch.no_grad():
-            for module in model.trimmers.modules():
-                if hasattr(module, "mlp") and isinstance(module.mlp, torch.nn.Sequential):
-                    module.mlp[-1].bias[kept:] = -1.0
+            for trimmer in model.trimmers.modules():
+                if isinstance(trimmer, HeadTrimmer):
+                    trimmer.output_layer.bias[kept:] = -1.0
             ratio = float(model(one).keep_groups["heads"].mean())
         results.append((ratio, count_flops(model, one)))
     assert [r for r, _ in results] == pytest.approx([k / heads for k in range(heads, -1, -1)])
@@ -72,10 +73,8 @@ def test_flops_fall_with_the_score_threshold() -> None:
     points = []
     for shift in (30.0, 1.0, 0.0, -1.0, -30.0):
         with torch.no_grad():
-            for module in model.trimmers.modules():
-                last = module.local[-1] if hasattr(module, "local") else getattr(module, "mlp", [None])[-1]
-                if isinstance(last, torch.nn.Linear):
-                    last.bias.fill_(shift)
+            for last in score_layers(model):
+                last.bias.fill_(shift)
             keep = float(torch.cat(list(model.eval()(one).keep_groups.values())).mean())
         points.append((keep, count_flops(model, one)))
     keeps, macs = zip(*points, strict=True)
