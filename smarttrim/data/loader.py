@@ -1,0 +1,214 @@
+"""Streaming loader: WebDataset shards (written by ``stages.shard``) -> model batches.
+
+One pipeline for training and evaluation, correct under Ray Train / DDP:
+
+* shards are split by rank, then by DataLoader worker: every (rank, worker) reads a disjoint set of whole
+  shards, so in evaluation every sample is seen exactly once;
+* training shuffles shard order with a seed shared by all ranks (the same permutation everywhere, so the
+  split stays a partition) that changes with the epoch, then shuffles samples in a buffer seeded per
+  (seed, epoch, rank, worker);
+* images are decoded, resized to the model's input size (bicubic) and normalized with CLIP's mean and std;
+  texts are tokenized per batch with a transformers fast tokenizer (padding to the longest, truncation).
+
+Batches are dicts: ``pixel_values`` (B, 3, H, W) (NLVR2: (B, 2, 3, H, W)), ``input_ids``, ``attention_mask``
+(B, T), ``labels`` (VQA: (B, num_labels) soft scores; NLVR2 / SNLI-VE / ITM: (B,) class ids) and ``keys``
+(the samples' keys, for per-instance outputs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How to read a split of a shard directory."""
+
+    batch_size: int = 32
+    image_size: int = 288
+    max_text_len: int = 40
+    train: bool = False
+    """Training: shuffled shards and samples, and the last partial batch dropped."""
+    seed: int = 0
+    epoch: int = 0
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    rank: int | None = None
+    """Data-parallel rank; None = torch.distributed's when initialized, else 0."""
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "image_size", "max_text_len", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r}: must be >= 0")
+
+
+def read_manifest(shards: str | Path) -> dict[str, Any]:
+    path = Path(shards) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (not a shard directory written by stages.shard)")
+    return json.loads(path.read_text())
+
+
+def _dist_info(cfg: LoaderConfig) -> tuple[int, int]:
+    if cfg.rank is not None and cfg.world_size is not None:
+        return cfg.rank, cfg.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def split_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The shards of one (rank, worker): a partition of ``urls`` over world_size x num_workers readers."""
+    return urls[rank::world_size][worker::num_workers]
+
+
+class _ShardList(torch.utils.data.IterableDataset):
+    """Yields ``{"url": ...}`` for this (rank, worker)'s shards, in an epoch-seeded order when training."""
+
+    def __init__(self, urls: list[str], cfg: LoaderConfig) -> None:
+        super().__init__()
+        self.urls, self.cfg = urls, cfg
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        urls = list(self.urls)
+        if self.cfg.train:  # same permutation on every rank and worker: the split stays a partition
+            random.Random(f"{self.cfg.seed}:{self.cfg.epoch}:shards").shuffle(urls)
+        rank, world_size = _dist_info(self.cfg)
+        worker, num_workers = _worker_info()
+        for url in split_shards(urls, rank, world_size, worker, num_workers):
+            yield {"url": url}
+
+
+def _sample_rng(cfg: LoaderConfig) -> random.Random:
+    rank, _ = _dist_info(cfg)
+    worker, _ = _worker_info()
+    return random.Random(f"{cfg.seed}:{cfg.epoch}:{rank}:{worker}:samples")
+
+
+def _shuffle(cfg: LoaderConfig) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        if not cfg.train:
+            yield from src
+            return
+        yield from wds.shuffle(cfg.shuffle_buffer, min(100, cfg.shuffle_buffer), rng=_sample_rng(cfg))(src)
+    return stage
+
+
+def load_image(data: bytes, size: int) -> Tensor:
+    """Encoded image -> (3, size, size) float tensor, bicubic resize, CLIP normalization."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _decoder(task: str, image_size: int, shard_dir: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def decode(raw: dict[str, Any]) -> dict[str, Any]:
+        key = raw["__key__"]
+        try:
+            info = json.loads(raw["json"])
+            images = [raw[k] for k in sorted(k for k in raw if k.startswith("img"))]
+            pixels = torch.stack([load_image(b, image_size) for b in images])  # (n_images, 3, H, W)
+        except Exception as err:  # a corrupt shard member: name the shard and the sample
+            raise ValueError(f"{raw.get('__url__', shard_dir)}: sample {key}: cannot decode ({err})") from err
+        return {"key": key, "pixels": pixels if task == "nlvr2" else pixels[0], "info": info}
+    return decode
+
+
+class Collate:
+    """Stack images, tokenize texts, build labels for a task (picklable for DataLoader workers)."""
+
+    def __init__(self, task: str, tokenizer: Any, num_labels: int, max_text_len: int, train: bool,
+                 seed: str) -> None:
+        self.task, self.tokenizer, self.num_labels = task, tokenizer, num_labels
+        self.max_text_len, self.train, self.seed = max_text_len, train, seed
+        self._rng: random.Random | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        """Seeded per DataLoader worker (created in the worker, on first use)."""
+        if self._rng is None:
+            self._rng = random.Random(f"{self.seed}:{_worker_info()[0]}:collate")
+        return self._rng
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [s["info"]["texts"][self.rng.randrange(len(s["info"]["texts"])) if self.train else 0]
+                 for s in samples]
+        batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixels"] for s in samples]),
+                                 "keys": [s["key"] for s in samples]}
+        if self.task == "vqa":
+            labels = torch.zeros(len(samples), self.num_labels)
+            for row, s in enumerate(samples):
+                for label, score in s["info"].get("scores", {}).items():
+                    labels[row, int(label)] = score
+            batch["labels"] = labels
+        elif self.task in ("nlvr2", "snli_ve") and all("label_id" in s["info"] for s in samples):
+            batch["labels"] = torch.tensor([s["info"]["label_id"] for s in samples])
+        elif self.task == "retrieval" and len(samples) > 1:  # ITM: half the pairs get another image's text
+            labels = []
+            for i in range(len(samples)):
+                if self.rng.random() < 0.5:
+                    j = self.rng.choice([k for k in range(len(samples)) if k != i])
+                    texts[i] = samples[j]["info"]["texts"][0]
+                    labels.append(0)
+                else:
+                    labels.append(1)
+            batch["labels"] = torch.tensor(labels)
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                             return_tensors="pt")
+        batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        return batch
+
+
+def shard_urls(shards: str | Path, split: str) -> list[str]:
+    manifest = read_manifest(shards)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{Path(shards) / 'manifest.json'}: no split {split!r} (has {sorted(manifest['splits'])})")
+    return [str(Path(shards) / s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def make_loader(shards: str | Path, split: str, tokenizer: Any, cfg: LoaderConfig) -> torch.utils.data.DataLoader:
+    """A DataLoader of model batches over one split of a shard directory."""
+    manifest = read_manifest(shards)
+    task = manifest["task"]
+    urls = shard_urls(shards, split)
+    rank, world_size = _dist_info(cfg)
+    readers = world_size * max(1, cfg.num_workers)
+    if cfg.train and len(urls) < readers:
+        raise ValueError(f"{shards}: split {split!r} has {len(urls)} shards for {world_size} ranks x "
+                         f"{max(1, cfg.num_workers)} workers; re-shard with a smaller --shard-size")
+    collate = Collate(task, tokenizer, max(1, len(manifest["labels"])), cfg.max_text_len, cfg.train,
+                      seed=f"{cfg.seed}:{cfg.epoch}:{rank}")
+    pipeline = wds.DataPipeline(
+        _ShardList(urls, cfg),
+        wds.tarfile_to_samples(),
+        _shuffle(cfg),
+        wds.map(_decoder(task, cfg.image_size, str(shards))),
+        wds.batched(cfg.batch_size, collation_fn=collate, partial=not cfg.train),
+    )
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
+                                       persistent_workers=False)

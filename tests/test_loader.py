@@ -1,0 +1,101 @@
+"""The streaming loader: batches the model takes, every sample once, disjoint ranks x workers, seeded shuffles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import smarttrim
+from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
+from smarttrim.data.tokenizer import load_tokenizer
+from stages.shard import ShardConfig, run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def vqa_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "vqa"
+    run(ShardConfig(source="shapes", task="vqa", out=str(out), shapes_sizes=(40, 30, 10), shard_size=7))
+    return out
+
+
+def _tokenizer(shards: Path):  # noqa: ANN202
+    return load_tokenizer(shards / read_manifest(shards)["tokenizer"])
+
+
+def _keys(loader: torch.utils.data.DataLoader) -> list[str]:
+    return [k for batch in loader for k in batch["keys"]]
+
+
+def test_eval_batches_feed_the_model_and_see_every_sample_once(vqa_shards: Path) -> None:
+    manifest = read_manifest(vqa_shards)
+    tok = _tokenizer(vqa_shards)
+    cfg = LoaderConfig(batch_size=8, image_size=32, max_text_len=24)
+    batches = list(make_loader(vqa_shards, "val", tok, cfg))
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == manifest["splits"]["val"]["samples"] == 30
+    b = batches[0]
+    assert b["pixel_values"].shape == (8, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
+    assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[1] <= 24
+    assert bool((b["input_ids"][:, 0] == 0).all()), "texts start with <s> (id 0), the model's [CLS] prefix"
+    assert b["labels"].shape == (8, len(manifest["labels"])) and float(b["labels"].max()) <= 1.0
+    assert bool((b["labels"].sum(1) > 0).all()), "every shapes question has a scored answer"
+    model = smarttrim.build_model("meter-tiny", task="vqa", num_labels=len(manifest["labels"]))
+    out = model(b)
+    assert out.logits.shape == (8, len(manifest["labels"])) and torch.isfinite(out.loss)
+
+
+def test_ranks_and_workers_see_disjoint_complete_data(vqa_shards: Path) -> None:
+    """Two simulated ranks x two DataLoader workers (real worker processes): a partition of the split."""
+    tok = _tokenizer(vqa_shards)
+    seen = {}
+    for rank in range(2):
+        cfg = LoaderConfig(batch_size=4, image_size=32, rank=rank, world_size=2, num_workers=2)
+        seen[rank] = _keys(make_loader(vqa_shards, "train", tok, cfg))
+    counts = Counter(seen[0] + seen[1])
+    assert len(counts) == 40 and set(counts.values()) == {1}, "each training sample exactly once overall"
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+
+
+def test_training_shuffle_is_seeded_and_still_a_partition(vqa_shards: Path) -> None:
+    tok = _tokenizer(vqa_shards)
+
+    def order(rank: int, seed: int, epoch: int) -> list[str]:
+        cfg = LoaderConfig(batch_size=2, image_size=32, train=True, seed=seed, epoch=epoch, shuffle_buffer=16,
+                           rank=rank, world_size=2, num_workers=1)
+        return _keys(make_loader(vqa_shards, "train", tok, cfg))
+
+    assert order(0, seed=1, epoch=0) == order(0, seed=1, epoch=0)
+    assert order(0, seed=1, epoch=0) != order(0, seed=1, epoch=1)
+    for epoch in range(2):
+        a, b = order(0, 1, epoch), order(1, 1, epoch)
+        assert not set(a) & set(b), "the shard permutation is shared by all ranks"
+    unshuffled = _keys(make_loader(vqa_shards, "train", tok, LoaderConfig(batch_size=2, image_size=32)))
+    assert order(0, 1, 0) + order(1, 1, 0) != unshuffled[: len(order(0, 1, 0) + order(1, 1, 0))]
+
+
+def test_nlvr2_batches_carry_two_images(tmp_path: Path) -> None:
+    out = tmp_path / "nlvr2"
+    run(ShardConfig(source="shapes", task="nlvr2", out=str(out), shapes_sizes=(6, 6, 6), shard_size=3))
+    batch = next(iter(make_loader(out, "val", _tokenizer(out), LoaderConfig(batch_size=4, image_size=32))))
+    assert batch["pixel_values"].shape == (4, 2, 3, 32, 32)
+    assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
+    model = smarttrim.build_model("meter-tiny", task="nlvr2")
+    assert model(batch).logits.shape == (4, 2)
+
+
+def test_loader_errors(tmp_path: Path, vqa_shards: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        make_loader(tmp_path, "train", None, LoaderConfig())
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        make_loader(vqa_shards, "dev", None, LoaderConfig())
+    with pytest.raises(ValueError, match="shards for 8 ranks"):
+        make_loader(vqa_shards, "train", None, LoaderConfig(train=True, rank=0, world_size=8, num_workers=2))
+    manifest = json.loads((vqa_shards / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 40

@@ -1,0 +1,162 @@
+"""The shard stage: round trips, manifest, bad input in fail/skip modes, atomicity, idempotent reruns."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stages.shard import ShardConfig, main, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def snli_ve_fixture(root: Path, bad: str | None = None) -> Path:
+    """An SNLI-VE directory in the official layout with 4 good records, plus one bad record of kind ``bad``."""
+    (root / "flickr30k_images").mkdir(parents=True)
+    lines = []
+    for i, label in enumerate(["entailment", "neutral", "contradiction", "entailment"]):
+        (root / "flickr30k_images" / f"{100 + i}.jpg").write_bytes(_jpeg((40 * i, 80, 120)))
+        lines.append(json.dumps({"Flickr30K_ID": str(100 + i), "sentence2": f"a photo number {i}",
+                                 "gold_label": label, "pairID": f"p{i}"}))
+    bad_line = {"Flickr30K_ID": "200", "sentence2": "a bad one", "gold_label": "neutral", "pairID": "bad"}
+    if bad == "truncated_image":
+        (root / "flickr30k_images" / "200.jpg").write_bytes(_jpeg((1, 2, 3))[:60])
+    elif bad != "missing_image":
+        (root / "flickr30k_images" / "200.jpg").write_bytes(_jpeg((1, 2, 3)))
+    if bad == "malformed_line":
+        lines.insert(2, '{"Flickr30K_ID": "200", "sentence2": ')
+    elif bad is not None:
+        if bad == "missing_field":
+            del bad_line["sentence2"]
+        elif bad == "bad_label":
+            bad_line["gold_label"] = "maybe"
+        elif bad == "empty_text":
+            bad_line["sentence2"] = "  "
+        lines.insert(2, json.dumps(bad_line))
+    (root / "snli_ve_train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _members(tar: Path) -> list[str]:
+    with tarfile.open(tar) as t:
+        return t.getnames()
+
+
+def test_shapes_round_trip_and_manifest(tmp_path: Path) -> None:
+    cfg = ShardConfig(source="shapes", task="vqa", out=str(tmp_path / "s"), shapes_sizes=(50, 20, 20),
+                      shard_size=16)
+    result = run(cfg)
+    m = result.manifest
+    assert not result.reused and m["source"] == "shapes" and m["task"] == "vqa"
+    assert {s: v["samples"] for s, v in m["splits"].items()} == {"train": 50, "val": 20, "test": 20}
+    assert [len(v["shards"]) for v in m["splits"].values()] == [4, 2, 2]
+    assert sum(s["samples"] for s in m["splits"]["train"]["shards"]) == 50
+    assert m["labels"] and m["skipped"] == [] and (tmp_path / "s" / m["tokenizer"]).is_dir()
+    assert 0 < m["majority_baseline"]["score"]["val"] < 1
+    files = sorted(p.name for p in (tmp_path / "s").glob("*.tar"))
+    assert files[0] == "test-000000.tar" and "train-000003.tar" in files
+    # read back: every sample has its json and one image, keys unique, counts match the manifest
+    import hashlib
+    keys = []
+    for shard in m["splits"]["train"]["shards"]:
+        path = tmp_path / "s" / shard["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        names = _members(path)
+        assert len(names) == 2 * shard["samples"]
+        keys += [n.split(".")[0] for n in names if n.endswith(".json")]
+    assert len(keys) == len(set(keys)) == 50
+    assert not list(tmp_path.glob(".s.*")), "no temporary directories left behind"
+
+
+def test_official_source_round_trip(tmp_path: Path) -> None:
+    root = snli_ve_fixture(tmp_path / "snli")
+    result = run(ShardConfig(source="snli_ve", root=str(root), out=str(tmp_path / "out"), splits=("train",)))
+    m = result.manifest
+    assert m["splits"]["train"]["samples"] == 4 and m["labels"] == ["entailment", "neutral", "contradiction"]
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as t:
+        infos = [json.loads(t.extractfile(n).read()) for n in t.getnames() if n.endswith(".json")]
+        images = [t.extractfile(n).read() for n in t.getnames() if n.endswith(".jpg")]
+    assert sorted(i["label_id"] for i in infos) == [0, 0, 1, 2]
+    assert images[0] == (root / "flickr30k_images" / "100.jpg").read_bytes(), "image bytes stored as they are"
+    assert m["majority_baseline"]["score"]["train"] == pytest.approx(2 / 4)
+
+
+BAD_KINDS = {  # kind -> (file the error must name, field it must name)
+    "truncated_image": ("200.jpg", "image"),
+    "missing_image": ("200.jpg", "image"),
+    "malformed_line": ("snli_ve_train.jsonl", None),
+    "missing_field": ("snli_ve_train.jsonl", "sentence2"),
+    "bad_label": ("snli_ve_train.jsonl", "gold_label"),
+    "empty_text": ("snli_ve_train.jsonl", "sentence2"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_input_fail_mode(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    root = snli_ve_fixture(tmp_path / "snli", bad=kind)
+    out = tmp_path / "out"
+    code = main(["--source", "snli_ve", "--root", str(root), "--out", str(out), "--splits", "train"])
+    err = capsys.readouterr().err
+    file, field = BAD_KINDS[kind]
+    assert code == 1 and file in err and "record" in err, err
+    if field:
+        assert field in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing half-written"
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_input_skip_mode(tmp_path: Path, kind: str) -> None:
+    root = snli_ve_fixture(tmp_path / "snli", bad=kind)
+    m = run(ShardConfig(source="snli_ve", root=str(root), out=str(tmp_path / "out"), splits=("train",),
+                        on_error="skip")).manifest
+    assert m["splits"]["train"]["samples"] == 4, "the good records are intact"
+    (skipped,) = m["skipped"]
+    file, field = BAD_KINDS[kind]
+    assert file in skipped["file"] + skipped["reason"] and skipped["split"] == "train" and skipped["reason"]
+    if field:
+        assert skipped["field"] == field
+
+
+def test_rerun_is_a_no_op_and_changes_rebuild(tmp_path: Path) -> None:
+    cfg = ShardConfig(source="shapes", task="nlvr2", out=str(tmp_path / "s"), shapes_sizes=(12, 4, 4), shard_size=5)
+    first = run(cfg)
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()}
+    again = run(cfg)
+    assert again.reused and again.manifest == first.manifest
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()} == stamp
+    changed = run(ShardConfig(**{**cfg.__dict__, "shapes_sizes": (10, 4, 4)}))
+    assert not changed.reused and changed.manifest["splits"]["train"]["samples"] == 10
+    with tarfile.open(tmp_path / "s" / "train-000000.tar") as t:
+        assert sum(n.endswith(".png") for n in t.getnames()) == 2 * 5, "NLVR2 samples carry two images"
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="task"):
+        ShardConfig(source="shapes", out=str(tmp_path))
+    with pytest.raises(ValueError, match="root"):
+        ShardConfig(source="vqa_v2", out=str(tmp_path))
+    with pytest.raises(ValueError, match="on_error"):
+        ShardConfig(source="shapes", task="vqa", out=str(tmp_path), on_error="ignore")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run(ShardConfig(source="nlvr2", root=str(tmp_path / "nowhere"), out=str(tmp_path / "o")))
+
+
+def test_cli_help_documents_the_stage() -> None:
+    out = subprocess.run([sys.executable, "-m", "stages.shard", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for flag in ("--source", "--task", "--root", "--out", "--shard-size", "--on-error", "--limit", "--seed"):
+        assert flag in out
+    assert "manifest.json" in out
