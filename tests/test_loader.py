@@ -51,6 +51,15 @@ def test_eval_batches_feed_the_model_and_see_every_sample_once(vqa_shards: Path)
     assert out.logits.shape == (8, len(manifest["labels"])) and torch.isfinite(out.loss)
 
 
+def test_reads_shards_from_a_url(vqa_shards: Path) -> None:
+    """Any URL WebDataset opens works as the shard location (here file://)."""
+    url = f"file://{vqa_shards}"
+    cfg = LoaderConfig(batch_size=16, image_size=32)
+    assert len(_keys(make_loader(url, "val", _tokenizer(vqa_shards), cfg))) == 30
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        read_manifest(f"file://{vqa_shards}/missing")
+
+
 def test_ranks_and_workers_see_disjoint_complete_data(vqa_shards: Path) -> None:
     """Two simulated ranks x two DataLoader workers (real worker processes): a partition of the split."""
     tok = _tokenizer(vqa_shards)

@@ -60,11 +60,27 @@ class LoaderConfig:
             raise ValueError(f"num_workers={self.num_workers!r}: must be >= 0")
 
 
+def _is_url(location: str | Path) -> bool:
+    return "://" in str(location) or str(location).startswith("pipe:")
+
+
+def join(location: str | Path, name: str) -> str:
+    """``name`` inside a shard location: a local directory or a URL WebDataset opens (file://, http(s)://...)."""
+    return f"{str(location).rstrip('/')}/{name}" if _is_url(location) else str(Path(location) / name)
+
+
 def read_manifest(shards: str | Path) -> dict[str, Any]:
-    path = Path(shards) / "manifest.json"
-    if not path.is_file():
+    """The ``manifest.json`` of a shard location (a directory, or a URL read with WebDataset's ``gopen``)."""
+    path = join(shards, "manifest.json")
+    if _is_url(shards):
+        try:
+            with wds.gopen(path) as stream:
+                return json.loads(stream.read())
+        except Exception as err:  # gopen raises scheme-specific errors
+            raise FileNotFoundError(f"{path}: cannot read ({err})") from err
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file (not a shard directory written by stages.shard)")
-    return json.loads(path.read_text())
+    return json.loads(Path(path).read_text())
 
 
 def _dist_info(cfg: LoaderConfig) -> tuple[int, int]:
@@ -187,8 +203,8 @@ class Collate:
 def shard_urls(shards: str | Path, split: str) -> list[str]:
     manifest = read_manifest(shards)
     if split not in manifest["splits"]:
-        raise ValueError(f"{Path(shards) / 'manifest.json'}: no split {split!r} (has {sorted(manifest['splits'])})")
-    return [str(Path(shards) / s["file"]) for s in manifest["splits"][split]["shards"]]
+        raise ValueError(f"{join(shards, 'manifest.json')}: no split {split!r} (has {sorted(manifest['splits'])})")
+    return [join(shards, s["file"]) for s in manifest["splits"][split]["shards"]]
 
 
 def make_loader(shards: str | Path, split: str, tokenizer: Any, cfg: LoaderConfig) -> torch.utils.data.DataLoader:
