@@ -160,3 +160,24 @@ def test_cli_help_documents_the_stage() -> None:
     for flag in ("--source", "--task", "--root", "--out", "--shard-size", "--on-error", "--limit", "--seed"):
         assert flag in out
     assert "manifest.json" in out
+
+
+def test_read_back_equals_written(tmp_path: Path) -> None:
+    """Every shard member is exactly the generator's sample: texts, answers, meta and the image bytes."""
+    from smarttrim.data import shapes
+
+    out = tmp_path / "s"
+    run(ShardConfig(source="shapes", task="vqa", out=str(out), shapes_sizes=(9, 3, 3), shard_size=4, seed=5))
+    written = {s.key: s for s in shapes.generate("vqa", "train", 9, seed=5)}
+    read = {}
+    for tar in sorted(out.glob("train-*.tar")):
+        with tarfile.open(tar) as t:
+            for name in t.getnames():
+                key, ext = name.split(".", 1)
+                read.setdefault(key, {})[ext] = t.extractfile(name).read()
+    assert set(read) == set(written)
+    for key, sample in written.items():
+        info = json.loads(read[key]["json"])
+        assert info["texts"] == list(sample.texts) and info["answers"] == list(sample.answers)
+        assert info["meta"] == json.loads(json.dumps(sample.meta))
+        assert read[key]["img0.png"] == sample.images[0]

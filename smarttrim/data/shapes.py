@@ -3,8 +3,9 @@
 Scenes hold 2-5 objects, each a color (``COLORS``) x shape (``SHAPES``) x size (``SIZES``), at random
 non-overlapping positions on a varied background (a solid color, a linear gradient, or a solid color with light
 pixel noise; dark or light). Images are RGB PNGs, ``image_size`` x ``image_size`` (default 64; the loader
-resizes them to the model's input size). A large object covers about 2% of the image, so a question about one or
-two objects can be answered from a few patches: what SmartTrim's cross-modal token trimmer should learn.
+resizes them to the model's input size). An object fits in a circle of radius 8% (small) or 13% (large) of the
+image side: a large circle covers 5% of the image, a small one 2%, so a question about one or two objects can be
+answered from a few patches (``meta["focus"]`` says which objects): what SmartTrim's token trimmers should learn.
 
 Every flavor of ``TASK_FLAVORS`` has the splits ``SHAPES_SPLITS`` and yields ``Sample`` records:
 
@@ -31,6 +32,9 @@ Every flavor of ``TASK_FLAVORS`` has the splits ``SHAPES_SPLITS`` and yields ``S
   square" is decided by the positions when both are visible, neutral when one is missing and a box is present,
   and a contradiction (failed presupposition, as in SNLI) when one is missing and there is no box. Hypothesis
   families (existence, negated existence, exact count, at-least count, relation) each take all three labels.
+  Every neutral scene has a box; to keep "box => neutral" a weak cue, entailment and contradiction scenes get one
+  where their label allows, 4 times as often as not (about half of them), so the box alone predicts the label
+  with ~0.5 accuracy (chance: 1/3).
 * ``retrieval`` and ``caption``: one image and 3-5 true captions of different kinds (a list of some objects,
   the object count and background, counts per color, counts per shape, a spatial relation).
 
@@ -742,6 +746,11 @@ def snli_ve_label(family: str, occluder: bool, visible: int = 0, k: int = 0, bot
     raise ValueError(f"family={family!r}: must be one of {SNLI_VE_FAMILIES}")
 
 
+_BOX_WEIGHT = 4.0
+"""How much likelier a scene state with the occluder box is than one without, among the states that give the
+label: a neutral needs the box, so without this weight 'box => neutral' would be a strong image-only shortcut."""
+
+
 def _snli_ve(ctx: _Context) -> Sample:
     rng = ctx.rng
     label = ctx.balanced_label(SNLI_VE_LABELS)
@@ -752,7 +761,7 @@ def _snli_ve(ctx: _Context) -> Sample:
         k = int(rng.integers(1, 4)) if family.startswith("count") else 1
         states = [(v, occ) for v in range(4) for occ in (False, True)
                   if snli_ve_label(family, occ, v, k) == label]
-        visible, occ = _pick(rng, states)
+        visible, occ = _pick(rng, states, [_BOX_WEIGHT if o else 1.0 for _, o in states])
         planted = [_random_object(rng, props) for _ in range(visible)]
         if visible == 0 and rng.random() < 0.5:
             planted.append(_near_miss(rng, props))
@@ -766,7 +775,7 @@ def _snli_ve(ctx: _Context) -> Sample:
         states = [(both, holds, occ) for both in (True, False) for holds in (True, False) for occ in (False, True)
                   if (both or not holds)
                   and snli_ve_label(family, occ, both_visible=both, relation_holds=holds) == label]
-        both, holds, occ = _pick(rng, states)
+        both, holds, occ = _pick(rng, states, [_BOX_WEIGHT if o else 1.0 for *_, o in states])
         while True:  # one object more when one is to be removed; one less when a box needs room
             scene, ia, ib, pa, pb = _related_pair(rng, MIN_OBJECTS + (not both), MAX_OBJECTS - occ)
             box = _free_spot(rng, scene) if occ else None
