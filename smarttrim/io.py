@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from smarttrim.atomic import atomic_write
 from smarttrim.config import ModelConfig, TrimConfig
 from smarttrim.model import SmartTrimModel
 
@@ -25,30 +25,19 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model: SmartTrimModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Save weights and configs of ``model`` into directory ``path`` (created if needed)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
             "trim": None if model.trim_config is None else model.trim_config.to_dict(), **(extra or {})}
 
     def write_config(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
-    _atomic_write(out / CONFIG, write_config)
+    atomic_write(out / CONFIG, write_config)
     return out
 
 

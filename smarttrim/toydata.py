@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from smarttrim.data import loader
+
 BOS, PAD, EOS = 0, 1, 2
 IMAGE_SIZE, CELL, GRID = 32, 8, 4
 NUM_CELLS = GRID * GRID
@@ -61,8 +63,8 @@ SPECIAL: tuple[str, ...] = ("<s>", "<pad>", "</s>")
 VOCAB: dict[str, int] = {w: i for i, w in enumerate((*SPECIAL, *CORE_WORDS, *COLOR_NAMES, *SHAPES, *FILLERS))}
 """Word -> token id (ids 0-2 are bos/[CLS], pad, eos)."""
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_MEAN = np.array(loader.CLIP_MEAN, dtype=np.float32)
+CLIP_STD = np.array(loader.CLIP_STD, dtype=np.float32)
 ANNOTATORS = 10
 MAX_FILLERS = 12
 MAX_TEXT_LEN = 7 + MAX_FILLERS + 2  # longest question (7 words) + fillers + bos/eos = 21 <= 24

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +36,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from smarttrim.atomic import replace_dir, temp_dir_beside
 from smarttrim.data import readers, shapes
 from smarttrim.data.records import NLVR2_LABELS, SNLI_VE_LABELS, TASK_FLAVORS, BadRecord, DataError, Sample
 
@@ -221,12 +221,12 @@ class SplitResult:
     texts: list[str] = field(default_factory=list)
 
 
-def shard_split(cfg: ShardConfig, split: str, tmp: str, labels: dict[str, int]) -> SplitResult:
+def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int]) -> SplitResult:
     """Write one split's shards into ``tmp``; raises the first ``DataError`` when ``on_error='fail'``."""
     task = cfg.resolved_task
     result = SplitResult(split)
     keys: set[str] = set()
-    pattern = str(Path(tmp) / f"{split}-%06d.tar")
+    pattern = str(tmp / f"{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=cfg.shard_size, verbose=0) as sink:
         for item in iter_source(cfg, split):
             try:
@@ -318,8 +318,7 @@ def run(cfg: ShardConfig) -> ShardOutputs:
     if not splits:
         raise DataError(cfg.root or cfg.source, f"no splits found for source {cfg.source!r}")
     labels = {name: i for i, name in enumerate(label_vocabulary(cfg, splits))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    tmp = temp_dir_beside(out)
     try:
         workers = cfg.workers or min(len(splits), os.cpu_count() or 1)
         if workers > 1:
@@ -334,7 +333,7 @@ def run(cfg: ShardConfig) -> ShardOutputs:
         if cfg.source == "shapes":
             from smarttrim.data.tokenizer import train_tokenizer  # only shapes trains its tokenizer
 
-            train_tokenizer((t for r in results[:1] for t in r.texts), Path(tmp) / "tokenizer")
+            train_tokenizer((t for r in results[:1] for t in r.texts), tmp / "tokenizer")
             tokenizer = "tokenizer"
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp, "source": cfg.source,
@@ -345,23 +344,12 @@ def run(cfg: ShardConfig) -> ShardOutputs:
         }
         text = json.dumps(manifest, indent=2) + "\n"
         manifest = json.loads(text)  # exactly what a later run reads back
-        (Path(tmp) / "manifest.json").write_text(text)
-        _replace_dir(Path(tmp), out)
+        (tmp / "manifest.json").write_text(text)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ShardOutputs(out, manifest, reused=False)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is swapped away first and removed after."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
 
 
 def main(argv: list[str] | None = None) -> int:

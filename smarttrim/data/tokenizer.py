@@ -24,13 +24,13 @@ Nothing here touches a model hub: loading is ``local_files_only``.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from smarttrim.atomic import replace_dir, temp_dir_beside
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 """The special tokens of a trained tokenizer; their ids are their positions (bos 0, pad 1, eos 2, unk 3, mask 4)."""
@@ -82,17 +82,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path | str, vocab_size: int =
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                                    mask_token=mask, cls_token=bos, sep_token=eos, **extra)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         fast.save_pretrained(str(tmp))
-        if out_dir.exists():  # replace: move the old one aside first (rename cannot overwrite a directory)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
