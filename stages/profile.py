@@ -1,0 +1,210 @@
+"""Profile stage: per-instance FLOPs (the paper's protocol) and latency of an exported model.
+
+    python -m stages.profile --model runs/x/model --shards data/shapes-vqa --split val --out runs/x/profile
+
+* FLOPs: torchprofile MACs of every instance of an evaluation subset, one unpadded instance at a time, on
+  the inference (pruning) path: mean, median, min/max, a histogram (the paper's Figure 7) and the ratio to
+  the untrimmed backbone (the same weights without trimmers) on the same instances.
+* Latency: single-instance median and p90 over the same subset after warm-up, and batched throughput;
+  fixed CPU threads, CUDA synchronized when on GPU. Every figure is recorded with its device, threads and
+  batch size.
+
+Writes ``profile.json`` and ``flops_hist.png`` into ``--out`` (atomically: a temp dir, then a swap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smarttrim.atomic import replace_dir, temp_dir_beside
+from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
+from smarttrim.data.tokenizer import load_tokenizer
+from smarttrim.flops import count_flops, strip_padding
+from smarttrim.io import load_model
+from smarttrim.model import SmartTrimModel
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    model: str
+    """An exported model directory (``save_pretrained``)."""
+    shards: str
+    """A shard location written by ``stages.shard`` (its tokenizer is used unless ``tokenizer`` is set)."""
+    out: str
+    split: str = "val"
+    instances: int = 100
+    """Size of the evaluation subset (the split's first instances, each counted once)."""
+    batch_size: int = 32
+    """Batch size of the throughput measurement."""
+    warmup: int = 3
+    threads: int = 2
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("instances", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device={self.device!r}: must be cpu, cuda or auto")
+
+
+@dataclass(frozen=True)
+class ProfileOutputs:
+    out: Path
+    metrics: dict[str, Any]
+
+
+def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
+    """The untrimmed backbone with the same weights (the FLOPs reference)."""
+    backbone = SmartTrimModel(model.config, None)
+    backbone.load_backbone_state_dict(model.backbone_state_dict())
+    return backbone.eval()
+
+
+def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The subset as unpadded batches of one, and as batches of ``batch_size`` (for throughput)."""
+    manifest = read_manifest(cfg.shards)
+    tok_path = cfg.tokenizer or str(Path(cfg.shards) / manifest["tokenizer"])
+    tokenizer = load_tokenizer(tok_path)
+    loader_cfg = LoaderConfig(batch_size=cfg.batch_size, image_size=model.config.image_size,
+                              max_text_len=model.config.max_text_len)
+    batches, singles = [], []
+    for batch in make_loader(cfg.shards, cfg.split, tokenizer, loader_cfg):
+        batches.append(batch)
+        for i in range(len(batch["keys"])):
+            one = {k: v[i: i + 1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            singles.append({**strip_padding(one), "keys": batch["keys"][i: i + 1]})
+        if len(singles) >= cfg.instances:
+            break
+    return singles[: cfg.instances], batches
+
+
+def _timed(fn: Any, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.hist([m / 1e9 for m in macs], bins=min(30, max(5, len(set(macs)))), color="#3b7dd8")
+    ax.axvline(backbone / 1e9, color="#d83b3b", linestyle="--", label="backbone (mean)")
+    ax.set_xlabel("GFLOPs (MACs) per instance")
+    ax.set_ylabel("instances")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(cfg: ProfileConfig) -> ProfileOutputs:
+    """Profile ``cfg.model`` on ``cfg.instances`` instances of ``cfg.split``; writes JSON + PNG to ``cfg.out``."""
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model).eval()
+    singles, batches = _instances(cfg, model)
+    if not singles:
+        raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no instances to profile")
+    backbone = backbone_of(model)
+    macs = [count_flops(model, one) for one in singles]
+    backbone_macs = [count_flops(backbone, one) for one in singles]
+
+    model.to(device)
+    with torch.inference_mode():
+        for one in singles[: cfg.warmup]:
+            model(_to(one, device))
+        latency = [_timed(lambda one=one: model(_to(one, device)), device) for one in singles]
+        for batch in batches[:1] * cfg.warmup:
+            model(_to(batch, device))
+        batched = [(len(b["keys"]), _timed(lambda b=b: model(_to(b, device)), device)) for b in batches]
+    n_batched = sum(n for n, _ in batched)
+    metrics = {
+        "model": str(cfg.model), "shards": str(cfg.shards), "split": cfg.split, "instances": len(singles),
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": cfg.threads, "trim": None if model.trim_config is None else model.trim_config.to_dict(),
+        "flops": {
+            "unit": "MACs (torchprofile), batch of one, unpadded", "mean": statistics.fmean(macs),
+            "median": statistics.median(macs), "min": min(macs), "max": max(macs),
+            "std": statistics.pstdev(macs), "backbone_mean": statistics.fmean(backbone_macs),
+            "ratio_to_backbone": statistics.fmean(macs) / statistics.fmean(backbone_macs),
+            "per_instance": dict(zip([one["keys"][0] for one in singles], macs, strict=True)),
+        },
+        "latency_ms_bs1": {"median": statistics.median(latency),
+                           "p90": sorted(latency)[int(0.9 * (len(latency) - 1))], "batch_size": 1},
+        "throughput": {"instances_per_s": n_batched / (sum(t for _, t in batched) / 1000),
+                       "batch_size": cfg.batch_size, "instances": n_batched},
+        "config": asdict(cfg),
+    }
+    out = Path(cfg.out)
+    tmp = temp_dir_beside(out)
+    try:
+        (tmp / "profile.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _histogram_png(tmp / "flops_hist.png", macs, metrics["flops"]["backbone_mean"],
+                       f"{model.config.name} / {cfg.split}: {len(macs)} instances")
+        replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ProfileOutputs(out, metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.profile", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--instances", type=int, default=100, help="evaluation subset size")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")
+    args = parser.parse_args(argv)
+    try:
+        result = run(ProfileConfig(model=args.model, shards=args.shards, out=args.out, split=args.split,
+                                   instances=args.instances, batch_size=args.batch_size, warmup=args.warmup,
+                                   threads=args.threads, device=args.device, tokenizer=args.tokenizer))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"profile: error: {err}", file=sys.stderr)
+        return 1
+    f, lat = result.metrics["flops"], result.metrics["latency_ms_bs1"]
+    print(f"{result.out}: {f['mean'] / 1e9:.4f} GMACs mean ({f['ratio_to_backbone']:.2f}x backbone), "
+          f"latency {lat['median']:.1f} ms median, {result.metrics['throughput']['instances_per_s']:.1f}/s batched")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
