@@ -1,0 +1,136 @@
+"""Evaluate stage: task metrics of an exported model on the inference path (real pruning).
+
+    python -m stages.evaluate --model runs/x/model --shards data/shapes-vqa --split val --out runs/x/eval
+
+Every sample of the split is evaluated exactly once, in batches, on the pruning path. Writes
+``predictions.jsonl`` (per instance: key, predicted label, its score, keep ratio per trimmer group) and
+``metrics.json``. Metrics: VQA score (soft accuracy of the argmax answer against the shards' METER/ViLT
+soft scores, computed from officially normalized answers), NLVR2 and SNLI-VE accuracy. Retrieval (R@K with
+ITM re-ranking) is not implemented yet and is refused with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smarttrim.atomic import replace_dir, temp_dir_beside
+from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
+from smarttrim.data.tokenizer import load_tokenizer
+from smarttrim.io import load_model
+
+METRICS = {"vqa": "vqa_score", "nlvr2": "accuracy", "snli_ve": "accuracy"}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str
+    shards: str
+    out: str
+    split: str = "val"
+    batch_size: int = 64
+    threads: int = 2
+    device: str = "cpu"
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device={self.device!r}: must be cpu, cuda or auto")
+
+
+@dataclass(frozen=True)
+class EvaluateOutputs:
+    out: Path
+    metrics: dict[str, Any]
+
+
+def run(cfg: EvaluateConfig) -> EvaluateOutputs:
+    """Evaluate ``cfg.model`` on every sample of ``cfg.split``; writes predictions and metrics to ``cfg.out``."""
+    manifest = read_manifest(cfg.shards)
+    task = manifest["task"]
+    if task not in METRICS:
+        raise ValueError(f"{cfg.shards}: task {task!r} is not evaluated yet (vqa, nlvr2, snli_ve are)")
+    model = load_model(cfg.model).eval()
+    if model.config.task != task:
+        raise ValueError(f"{cfg.model}: model task {model.config.task!r} does not match the shards' {task!r}")
+    labels = manifest["labels"]
+    if model.config.num_labels != len(labels):
+        raise ValueError(f"{cfg.model}: {model.config.num_labels} labels, the shards have {len(labels)}")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.set_num_threads(cfg.threads)
+    model.to(device)
+    tokenizer = load_tokenizer(cfg.tokenizer or str(Path(cfg.shards) / manifest["tokenizer"]))
+    loader = make_loader(cfg.shards, cfg.split, tokenizer, LoaderConfig(
+        batch_size=cfg.batch_size, image_size=model.config.image_size, max_text_len=model.config.max_text_len))
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for batch in loader:
+            if "labels" not in batch:
+                raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no labels to evaluate against")
+            out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            pred = out.logits.argmax(-1).cpu()
+            truth = batch["labels"]
+            scores = truth.gather(1, pred[:, None])[:, 0] if task == "vqa" else (pred == truth).float()
+            for i, key in enumerate(batch["keys"]):
+                rows.append({"key": key, "prediction": labels[int(pred[i])], "score": float(scores[i]),
+                             "keep": {g: float(v[i]) for g, v in out.keep_groups.items()}})
+    if not rows:
+        raise ValueError(f"{cfg.shards}: split {cfg.split!r} is empty")
+    groups = sorted({g for r in rows for g in r["keep"]})
+    metrics = {
+        "task": task, "split": cfg.split, "metric_name": METRICS[task],
+        "metric": sum(r["score"] for r in rows) / len(rows), "instances": len(rows),
+        "keep": {g: sum(r["keep"][g] for r in rows) / len(rows) for g in groups},
+        "majority_baseline": manifest.get("majority_baseline", {}).get("score", {}).get(cfg.split),
+        "device": str(device), "config": asdict(cfg),
+    }
+    out_dir = Path(cfg.out)
+    tmp = temp_dir_beside(out_dir)
+    try:
+        (tmp / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return EvaluateOutputs(out_dir, metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")
+    args = parser.parse_args(argv)
+    try:
+        result = run(EvaluateConfig(model=args.model, shards=args.shards, out=args.out, split=args.split,
+                                    batch_size=args.batch_size, threads=args.threads, device=args.device,
+                                    tokenizer=args.tokenizer))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
+    m = result.metrics
+    print(f"{result.out}: {m['metric_name']} {m['metric']:.4f} on {m['instances']} {m['split']} instances")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
