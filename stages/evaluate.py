@@ -11,9 +11,7 @@ ITM re-ranking) is not implemented yet and is refused with an error.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +19,10 @@ from typing import Any
 
 import torch
 
-from smarttrim.atomic import replace_dir, temp_dir_beside
 from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
 from smarttrim.data.tokenizer import load_tokenizer
 from smarttrim.io import load_model
+from stages.common import resolve_device, stage_parser, write_outputs
 
 METRICS = {"vqa": "vqa_score", "nlvr2": "accuracy", "snli_ve": "accuracy"}
 
@@ -44,8 +42,7 @@ class EvaluateConfig:
         for name in ("batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device={self.device!r}: must be cpu, cuda or auto")
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -66,8 +63,7 @@ def run(cfg: EvaluateConfig) -> EvaluateOutputs:
     labels = manifest["labels"]
     if model.config.num_labels != len(labels):
         raise ValueError(f"{cfg.model}: {model.config.num_labels} labels, the shards have {len(labels)}")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     model.to(device)
     tokenizer = load_tokenizer(cfg.tokenizer or str(Path(cfg.shards) / manifest["tokenizer"]))
@@ -95,22 +91,15 @@ def run(cfg: EvaluateConfig) -> EvaluateOutputs:
         "majority_baseline": manifest.get("majority_baseline", {}).get("score", {}).get(cfg.split),
         "device": str(device), "config": asdict(cfg),
     }
-    out_dir = Path(cfg.out)
-    tmp = temp_dir_beside(out_dir)
-    try:
-        (tmp / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return EvaluateOutputs(out_dir, metrics)
+    write_outputs(Path(cfg.out), {
+        "predictions.jsonl": lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)),
+        "metrics.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
+    })
+    return EvaluateOutputs(Path(cfg.out), metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser("python -m stages.evaluate", __doc__ or "")
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
     parser.add_argument("--out", required=True, help="output directory")

@@ -14,7 +14,6 @@ Writes ``profile.json`` and ``flops_hist.png`` into ``--out`` (atomically: a tem
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,12 +24,12 @@ from typing import Any
 
 import torch
 
-from smarttrim.atomic import replace_dir, temp_dir_beside
 from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
 from smarttrim.data.tokenizer import load_tokenizer
 from smarttrim.flops import count_flops, strip_padding
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
+from stages.common import resolve_device, stage_parser, write_outputs
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,7 @@ class ProfileConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device={self.device!r}: must be cpu, cuda or auto")
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -126,8 +124,7 @@ def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> 
 
 def run(cfg: ProfileConfig) -> ProfileOutputs:
     """Profile ``cfg.model`` on ``cfg.instances`` instances of ``cfg.split``; writes JSON + PNG to ``cfg.out``."""
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model).eval()
     singles, batches = _instances(cfg, model)
@@ -163,25 +160,16 @@ def run(cfg: ProfileConfig) -> ProfileOutputs:
                        "batch_size": cfg.batch_size, "instances": n_batched},
         "config": asdict(cfg),
     }
-    out = Path(cfg.out)
-    tmp = temp_dir_beside(out)
-    try:
-        (tmp / "profile.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _histogram_png(tmp / "flops_hist.png", macs, metrics["flops"]["backbone_mean"],
-                       f"{model.config.name} / {cfg.split}: {len(macs)} instances")
-        replace_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ProfileOutputs(out, metrics)
+    title = f"{model.config.name} / {cfg.split}: {len(macs)} instances"
+    write_outputs(Path(cfg.out), {
+        "profile.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
+        "flops_hist.png": lambda p: _histogram_png(p, macs, metrics["flops"]["backbone_mean"], title),
+    })
+    return ProfileOutputs(Path(cfg.out), metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.profile", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser("python -m stages.profile", __doc__ or "")
     parser.add_argument("--model", required=True, help="exported model directory")
     parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
     parser.add_argument("--out", required=True, help="output directory")

@@ -18,7 +18,6 @@ same inputs (same fingerprint in the manifest) is a no-op. Splits are sharded in
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -39,6 +38,7 @@ from PIL import Image
 from smarttrim.atomic import replace_dir, temp_dir_beside
 from smarttrim.data import readers, shapes
 from smarttrim.data.records import NLVR2_LABELS, SNLI_VE_LABELS, TASK_FLAVORS, BadRecord, DataError, Sample
+from stages.common import stage_parser
 
 FORMAT = "smarttrim-shards"
 FORMAT_VERSION = 1
@@ -353,9 +353,7 @@ def run(cfg: ShardConfig) -> ShardOutputs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.shard", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser("python -m stages.shard", __doc__ or "")
     parser.add_argument("--source", required=True, choices=sorted(SOURCES))
     parser.add_argument("--task", choices=TASK_FLAVORS, help="shapes: task flavor; Karpathy: retrieval|caption")
     parser.add_argument("--root", help="official data set root directory")

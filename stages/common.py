@@ -1,0 +1,38 @@
+"""What every stage shares: device choice, atomic output directories, the CLI skeleton."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from smarttrim.atomic import replace_dir, temp_dir_beside
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, or ``auto`` (cuda when available)."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device={name!r}: must be cpu, cuda or auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def write_outputs(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
+    """Write ``files`` (name -> writer of that path) into a temp dir, then swap it to ``out`` atomically."""
+    tmp = temp_dir_beside(out)
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the module docstring's first paragraph and epilog the rest."""
+    first, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=first, epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
