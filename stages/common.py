@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from smarttrim.atomic import replace_dir, temp_dir_beside
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """A measuring stage's result: its output directory and the metrics written there."""
+
+    out: Path
+    metrics: dict[str, Any]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
-from smarttrim.data.tokenizer import load_tokenizer
+from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
 from smarttrim.io import load_model
-from stages.common import resolve_device, stage_parser, write_outputs
+from stages.common import StageOutputs, resolve_device, stage_parser, write_outputs
 
 METRICS = {"vqa": "vqa_score", "nlvr2": "accuracy", "snli_ve": "accuracy"}
 
@@ -45,13 +44,7 @@ class EvaluateConfig:
         resolve_device(self.device)
 
 
-@dataclass(frozen=True)
-class EvaluateOutputs:
-    out: Path
-    metrics: dict[str, Any]
-
-
-def run(cfg: EvaluateConfig) -> EvaluateOutputs:
+def run(cfg: EvaluateConfig) -> StageOutputs:
     """Evaluate ``cfg.model`` on every sample of ``cfg.split``; writes predictions and metrics to ``cfg.out``."""
     manifest = read_manifest(cfg.shards)
     task = manifest["task"]
@@ -66,7 +59,7 @@ def run(cfg: EvaluateConfig) -> EvaluateOutputs:
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     model.to(device)
-    tokenizer = load_tokenizer(cfg.tokenizer or str(Path(cfg.shards) / manifest["tokenizer"]))
+    tokenizer = shard_tokenizer(cfg.shards, cfg.tokenizer)
     loader = make_loader(cfg.shards, cfg.split, tokenizer, LoaderConfig(
         batch_size=cfg.batch_size, image_size=model.config.image_size, max_text_len=model.config.max_text_len))
     rows: list[dict[str, Any]] = []
@@ -95,7 +88,7 @@ def run(cfg: EvaluateConfig) -> EvaluateOutputs:
         "predictions.jsonl": lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)),
         "metrics.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
     })
-    return EvaluateOutputs(Path(cfg.out), metrics)
+    return StageOutputs(Path(cfg.out), metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

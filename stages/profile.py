@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
-from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
-from smarttrim.data.tokenizer import load_tokenizer
+from smarttrim.data.loader import LoaderConfig, make_loader, shard_tokenizer
 from smarttrim.flops import count_flops, strip_padding
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
-from stages.common import resolve_device, stage_parser, write_outputs
+from stages.common import StageOutputs, resolve_device, stage_parser, write_outputs
 
 
 @dataclass(frozen=True)
@@ -59,12 +58,6 @@ class ProfileConfig:
         resolve_device(self.device)
 
 
-@dataclass(frozen=True)
-class ProfileOutputs:
-    out: Path
-    metrics: dict[str, Any]
-
-
 def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
     """The untrimmed backbone with the same weights (the FLOPs reference)."""
     backbone = SmartTrimModel(model.config, None)
@@ -74,9 +67,7 @@ def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
 
 def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The subset as unpadded batches of one, and as batches of ``batch_size`` (for throughput)."""
-    manifest = read_manifest(cfg.shards)
-    tok_path = cfg.tokenizer or str(Path(cfg.shards) / manifest["tokenizer"])
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = shard_tokenizer(cfg.shards, cfg.tokenizer)
     loader_cfg = LoaderConfig(batch_size=cfg.batch_size, image_size=model.config.image_size,
                               max_text_len=model.config.max_text_len)
     batches, singles = [], []
@@ -122,7 +113,7 @@ def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> 
     plt.close(fig)
 
 
-def run(cfg: ProfileConfig) -> ProfileOutputs:
+def run(cfg: ProfileConfig) -> StageOutputs:
     """Profile ``cfg.model`` on ``cfg.instances`` instances of ``cfg.split``; writes JSON + PNG to ``cfg.out``."""
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
@@ -165,7 +156,7 @@ def run(cfg: ProfileConfig) -> ProfileOutputs:
         "profile.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
         "flops_hist.png": lambda p: _histogram_png(p, macs, metrics["flops"]["backbone_mean"], title),
     })
-    return ProfileOutputs(Path(cfg.out), metrics)
+    return StageOutputs(Path(cfg.out), metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,14 @@ def test_loader_errors(tmp_path: Path, vqa_shards: Path) -> None:
         make_loader(vqa_shards, "train", None, LoaderConfig(train=True, rank=0, world_size=8, num_workers=2))
     manifest = json.loads((vqa_shards / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 40
+
+
+def test_shard_tokenizer_resolution(vqa_shards: Path) -> None:
+    from smarttrim.data.loader import shard_tokenizer
+
+    beside = shard_tokenizer(vqa_shards)
+    assert beside("what color is the circle ?")["input_ids"] == _tokenizer(vqa_shards)(
+        "what color is the circle ?")["input_ids"]
+    assert shard_tokenizer(f"file://{vqa_shards}", override=vqa_shards / "tokenizer") is not None
+    with pytest.raises(ValueError, match="pass a local one"):
+        shard_tokenizer(f"file://{vqa_shards}")

@@ -200,8 +200,24 @@ class Collate:
         return batch
 
 
-def shard_urls(shards: str | Path, split: str) -> list[str]:
-    manifest = read_manifest(shards)
+def shard_tokenizer(shards: str | Path, override: str | Path | None = None) -> Any:
+    """The tokenizer to read ``shards`` with: ``override`` if given, else the one the manifest names
+    (saved beside the shards, or a local path recorded at sharding time)."""
+    from smarttrim.data.tokenizer import load_tokenizer
+
+    if override is not None:
+        return load_tokenizer(override)
+    name = read_manifest(shards).get("tokenizer")
+    if not name:
+        raise ValueError(f"{join(shards, 'manifest.json')}: names no tokenizer; pass one explicitly")
+    if _is_url(shards) and not Path(name).is_absolute():
+        raise ValueError(f"{shards}: a tokenizer beside URL shards cannot be loaded; pass a local one")
+    return load_tokenizer(Path(join(shards, name)) if not Path(name).is_absolute() else Path(name))
+
+
+def shard_urls(shards: str | Path, split: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The shard files of one split (``manifest``: the already-read manifest of ``shards``)."""
+    manifest = read_manifest(shards) if manifest is None else manifest
     if split not in manifest["splits"]:
         raise ValueError(f"{join(shards, 'manifest.json')}: no split {split!r} (has {sorted(manifest['splits'])})")
     return [join(shards, s["file"]) for s in manifest["splits"][split]["shards"]]
@@ -211,7 +227,7 @@ def make_loader(shards: str | Path, split: str, tokenizer: Any, cfg: LoaderConfi
     """A DataLoader of model batches over one split of a shard directory."""
     manifest = read_manifest(shards)
     task = manifest["task"]
-    urls = shard_urls(shards, split)
+    urls = shard_urls(shards, split, manifest)
     rank, world_size = _dist_info(cfg)
     readers = world_size * max(1, cfg.num_workers)
     if cfg.train and len(urls) < readers:
