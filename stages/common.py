@@ -15,6 +15,27 @@ from smarttrim.atomic import replace_dir, temp_dir_beside
 
 
 @dataclass(frozen=True)
+class ModelDataConfig:
+    """The fields of a stage that runs an exported model on a shard split (see ``add_model_data_args``)."""
+
+    model: str
+    """An exported model directory (``save_pretrained``)."""
+    shards: str
+    """A shard location written by ``stages.shard`` (its tokenizer is used unless ``tokenizer`` is set)."""
+    out: str
+    split: str = "val"
+    threads: int = 2
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads!r}: must be >= 1")
+        resolve_device(self.device)
+
+
+@dataclass(frozen=True)
 class StageOutputs:
     """A measuring stage's result: its output directory and the metrics written there."""
 
@@ -46,3 +67,14 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     first, _, rest = doc.partition("\n\n")
     return argparse.ArgumentParser(prog=prog, description=first, epilog=rest,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_model_data_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a stage that runs an exported model on a shard split (names match the configs' fields)."""
+    parser.add_argument("--model", required=True, help="exported model directory")
+    parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")

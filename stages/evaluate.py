@@ -21,27 +21,26 @@ import torch
 
 from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
 from smarttrim.io import load_model
-from stages.common import StageOutputs, resolve_device, stage_parser, write_outputs
+from stages.common import (
+    ModelDataConfig,
+    StageOutputs,
+    add_model_data_args,
+    resolve_device,
+    stage_parser,
+    write_outputs,
+)
 
 METRICS = {"vqa": "vqa_score", "nlvr2": "accuracy", "snli_ve": "accuracy"}
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    model: str
-    shards: str
-    out: str
-    split: str = "val"
+class EvaluateConfig(ModelDataConfig):
     batch_size: int = 64
-    threads: int = 2
-    device: str = "cpu"
-    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        resolve_device(self.device)
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r}: must be >= 1")
 
 
 def run(cfg: EvaluateConfig) -> StageOutputs:
@@ -93,19 +92,11 @@ def run(cfg: EvaluateConfig) -> StageOutputs:
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("python -m stages.evaluate", __doc__ or "")
-    parser.add_argument("--model", required=True, help="exported model directory")
-    parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--split", default="val")
+    add_model_data_args(parser)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")
     args = parser.parse_args(argv)
     try:
-        result = run(EvaluateConfig(model=args.model, shards=args.shards, out=args.out, split=args.split,
-                                    batch_size=args.batch_size, threads=args.threads, device=args.device,
-                                    tokenizer=args.tokenizer))
+        result = run(EvaluateConfig(**vars(args)))
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1

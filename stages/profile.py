@@ -28,34 +28,31 @@ from smarttrim.data.loader import LoaderConfig, make_loader, shard_tokenizer
 from smarttrim.flops import count_flops, strip_padding
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
-from stages.common import StageOutputs, resolve_device, stage_parser, write_outputs
+from stages.common import (
+    ModelDataConfig,
+    StageOutputs,
+    add_model_data_args,
+    resolve_device,
+    stage_parser,
+    write_outputs,
+)
 
 
 @dataclass(frozen=True)
-class ProfileConfig:
-    model: str
-    """An exported model directory (``save_pretrained``)."""
-    shards: str
-    """A shard location written by ``stages.shard`` (its tokenizer is used unless ``tokenizer`` is set)."""
-    out: str
-    split: str = "val"
+class ProfileConfig(ModelDataConfig):
     instances: int = 100
     """Size of the evaluation subset (the split's first instances, each counted once)."""
     batch_size: int = 32
     """Batch size of the throughput measurement."""
     warmup: int = 3
-    threads: int = 2
-    device: str = "cpu"
-    """``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
-    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("instances", "batch_size", "threads"):
+        super().__post_init__()
+        for name in ("instances", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
-        resolve_device(self.device)
 
 
 def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
@@ -161,21 +158,13 @@ def run(cfg: ProfileConfig) -> StageOutputs:
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("python -m stages.profile", __doc__ or "")
-    parser.add_argument("--model", required=True, help="exported model directory")
-    parser.add_argument("--shards", required=True, help="shard directory or URL (stages.shard output)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--split", default="val")
+    add_model_data_args(parser)
     parser.add_argument("--instances", type=int, default=100, help="evaluation subset size")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput run")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")
     args = parser.parse_args(argv)
     try:
-        result = run(ProfileConfig(model=args.model, shards=args.shards, out=args.out, split=args.split,
-                                   instances=args.instances, batch_size=args.batch_size, warmup=args.warmup,
-                                   threads=args.threads, device=args.device, tokenizer=args.tokenizer))
+        result = run(ProfileConfig(**vars(args)))
     except (ValueError, FileNotFoundError) as err:
         print(f"profile: error: {err}", file=sys.stderr)
         return 1
