@@ -25,7 +25,7 @@ run: install
 	$(PY) -m smarttrim.demo
 
 lint: install
-	$(VENV)/bin/ruff check smarttrim tests bench
+	$(VENV)/bin/ruff check smarttrim stages tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -270,6 +270,22 @@ class SmartTrimModel(nn.Module):
                 batch["labels"] = torch.randint(0, cfg.num_labels, (batch_size,), generator=g)
         return batch
 
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, h) uni-modal text feature: the text [CLS] after ``cross_modal_text_transform``, i.e. the text
+        stream's input to the co-attention layers without the (constant) token-type embedding. The text
+        encoder is never trimmed. Runs in the current train/eval mode."""
+        text = self.backbone.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.backbone.cross_modal_text_transform(text[:, 0])
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """(B, h) uni-modal image feature of (B, 3, H, W) images: the image [CLS] after
+        ``cross_modal_image_transform`` (without the token-type embedding), from the *untrimmed* visual
+        encoder: its token trimmers are guided by a text, which a uni-modal feature has none of. Equals the
+        co-attention input of ``forward`` when nothing is trimmed. Runs in the current train/eval mode."""
+        no_guide = pixel_values.new_zeros(pixel_values.shape[0], self.config.text_hidden)  # read by no trimmer
+        image = self._encode_image(pixel_values, no_guide, _Run(None, sample=False, prune=False, tau=1.0))
+        return self.backbone.cross_modal_image_transform(image.x[:, 0])
+
     def forward(self, batch: dict[str, Tensor], path: str | None = None) -> SmartTrimOutput:
         """Run the model on a batch dict (``pixel_values``, ``input_ids``, ``attention_mask``[, ``labels``]).
 

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import webdataset as wds
 from conftest import randomize_trimmers, tiny
 
 import smarttrim
-from smarttrim.data.loader import LoaderConfig, make_loader
+from smarttrim.data.gallery import read_gallery
+from smarttrim.data.loader import LoaderConfig, load_image, make_loader
+from smarttrim.data.shapes import generate
 from smarttrim.data.tokenizer import load_tokenizer
 from smarttrim.flops import strip_padding
-from stages.evaluate import EvaluateConfig, main, run
+from stages.evaluate import EvaluateConfig, best_ranks, main, rank_gallery, rerank_scores, run, topk_candidates
 from stages.shard import ShardConfig
 from stages.shard import run as shard
 
@@ -69,13 +73,210 @@ def test_evaluate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     tiny("snli_ve").save_pretrained(tmp_path / "snli")
     assert main(["--model", str(tmp_path / "snli"), "--shards", str(shards), "--out", str(tmp_path / "e")]) == 1
     assert "does not match" in capsys.readouterr().err and not (tmp_path / "e").exists()
-    retrieval = tmp_path / "retrieval"
-    shard(ShardConfig(source="shapes", task="retrieval", out=str(retrieval), shapes_sizes=(2, 2, 2)))
-    with pytest.raises(ValueError, match="not evaluated yet"):
-        run(EvaluateConfig(model=str(tmp_path / "snli"), shards=str(retrieval), out=str(tmp_path / "e")))
+    captions = tmp_path / "caption"
+    shard(ShardConfig(source="shapes", task="caption", out=str(captions), shapes_sizes=(2, 2, 2)))
+    with pytest.raises(ValueError, match="no generating"):
+        run(EvaluateConfig(model=str(tmp_path / "snli"), shards=str(captions), out=str(tmp_path / "e")))
+    with pytest.raises(ValueError, match="applies to retrieval only"):
+        run(EvaluateConfig(model=str(tmp_path / "snli"), shards=str(shards), out=str(tmp_path / "e"), rerank_k=3))
+    with pytest.raises(ValueError, match="rerank_k"):
+        EvaluateConfig(model="m", shards="s", out="o", rerank_k=0)
 
 
 def test_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "stages.evaluate", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert "--model" in out and "predictions.jsonl" in out
+    assert "--rerank-k" in out and "mean_recall" in out and "logit margin" in out
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+RECALLS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_mean", "ir_mean", "rsum_mean")
+N_VAL = 12
+
+
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Retrieval shards (val: 12 images in 3 shards) and a meter-tiny ITM model with mixed trimming decisions."""
+    tmp = tmp_path_factory.mktemp("retrieval")
+    shard(ShardConfig(source="shapes", task="retrieval", out=str(tmp / "shards"), shapes_sizes=(6, N_VAL, 3),
+                      shard_size=5))
+    torch.manual_seed(0)
+    model = tiny("retrieval", trim=smarttrim.TrimConfig())
+    randomize_trimmers(model, seed=1, std=0.3)
+    model.save_pretrained(tmp / "model")
+    return tmp / "shards", tmp / "model"
+
+
+def _evaluate(retrieval: tuple[Path, Path], out: Path, rerank_k: int | None) -> dict:
+    shards, model = retrieval
+    return run(EvaluateConfig(model=str(model), shards=str(shards), out=str(out), batch_size=16, threads=1,
+                              rerank_k=rerank_k)).metrics
+
+
+def _rank(scores: list[float], true: int) -> int:
+    """1-based rank of ``scores[true]`` when sorted descending, ties ranking the lower index first."""
+    return 1 + sum(s > scores[true] for s in scores) + sum(s == scores[true] for s in scores[:true])
+
+
+def _brute_force(retrieval: tuple[Path, Path]) -> tuple[list[int], list[int], dict[str, float]]:
+    """Text and image query ranks, and mean keep ratios, from batch-of-one ITM forwards of every pair: keys
+    and captions from the generator, images from the training loader, each caption tokenized alone."""
+    shards, model_dir = retrieval
+    model = smarttrim.load_model(model_dir).eval()
+    tok = load_tokenizer(shards / "tokenizer")
+    samples = list(generate("retrieval", "val", N_VAL))
+    loader = make_loader(shards, "val", tok, LoaderConfig(batch_size=1, image_size=32, max_text_len=24))
+    pixels = {b["keys"][0]: b["pixel_values"] for b in loader}
+    texts = [(i, t) for i, s in enumerate(samples) for t in s.texts]
+    scores = [[0.0] * len(texts) for _ in samples]
+    keep: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            for t, (_, text) in enumerate(texts):
+                enc = tok([text], truncation=True, max_length=24, return_tensors="pt")
+                one = strip_padding({"pixel_values": pixels[s.key], "input_ids": enc["input_ids"],
+                                     "attention_mask": enc["attention_mask"]})
+                out = model(one)
+                scores[i][t] = float(out.logits[0, 1] - out.logits[0, 0])
+                for g, v in out.keep_groups.items():
+                    keep.setdefault(g, []).append(float(v[0]))
+    text_ranks = [_rank([row[t] for row in scores], i) for t, (i, _) in enumerate(texts)]
+    image_ranks = [min(_rank(scores[i], t) for t, (j, _) in enumerate(texts) if j == i) for i in range(N_VAL)]
+    return text_ranks, image_ranks, {g: sum(v) / len(v) for g, v in keep.items()}
+
+
+def test_retrieval_matches_brute_force(retrieval: tuple[Path, Path], tmp_path: Path) -> None:
+    m = _evaluate(retrieval, tmp_path / "eval", None)
+    text_ranks, image_ranks, keep = _brute_force(retrieval)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in rows if r["query"] == "text"] == text_ranks
+    assert [r["rank"] for r in rows if r["query"] == "image"] == image_ranks
+    for k in (1, 5, 10):
+        assert m[f"tr_r{k}"] == pytest.approx(sum(r <= k for r in image_ranks) / N_VAL)
+        assert m[f"ir_r{k}"] == pytest.approx(sum(r <= k for r in text_ranks) / len(text_ranks))
+    assert m["tr_mean"] == pytest.approx((m["tr_r1"] + m["tr_r5"] + m["tr_r10"]) / 3)
+    assert m["metric"] == m["rsum_mean"] == pytest.approx((m["tr_mean"] + m["ir_mean"]) / 2)
+    assert m["metric_name"] == "mean_recall" and 0 < m["ir_r10"] < 1, "a gallery where R@10 says something"
+    assert m["pairs_scored"] == m["pairs_total"] == N_VAL * len(text_ranks) and m["images"] == N_VAL
+    assert m["keep"] == pytest.approx(keep, abs=1e-5) and m["keep"]["vision_tokens"] < 1, "real pruning"
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rsum_mean"] == m["rsum_mean"]
+    assert all(len(r["top5"]) == 5 for r in rows if r["query"] == "text")
+
+
+def test_retrieval_rerank(retrieval: tuple[Path, Path], tmp_path: Path) -> None:
+    full = _evaluate(retrieval, tmp_path / "full", None)
+    n_img, n_txt = full["images"], full["texts"]
+    everything = _evaluate(retrieval, tmp_path / "all", n_txt)
+    assert {k: everything[k] for k in RECALLS} == {k: full[k] for k in RECALLS}, "k >= T: the full protocol"
+    assert everything["pairs_scored"] == n_img * n_txt
+    images = _evaluate(retrieval, tmp_path / "images", n_img)
+    assert {k: images[k] for k in RECALLS if k.startswith("ir")} == {k: full[k] for k in RECALLS if k.startswith("ir")}
+    shards, model_dir = retrieval
+    assert main(["--model", str(model_dir), "--shards", str(shards), "--out", str(tmp_path / "k2"), "--threads", "1",
+                 "--rerank-k", "2"]) == 0
+    small = json.loads((tmp_path / "k2" / "metrics.json").read_text())
+    assert n_txt < small["pairs_scored"] <= 2 * (n_img + n_txt) < n_img * n_txt
+    assert all(0 <= small[k] <= 1 for k in RECALLS) and small["rerank_k"] == 2
+    # each caption's two first images are its two most similar ones by uni-modal cosine (computed here alone)
+    model, gallery = smarttrim.load_model(model_dir).eval(), read_gallery(shards, "val", 32)
+    tok = load_tokenizer(shards / "tokenizer")
+    with torch.no_grad():
+        image = F.normalize(model.image_features(gallery.images), dim=-1)
+        text = F.normalize(torch.cat([model.text_features(**tok([t], return_tensors="pt")) for t in gallery.texts]),
+                           dim=-1)
+    nearest = (text @ image.T).topk(2, dim=1).indices
+    rows = [json.loads(line) for line in (tmp_path / "k2" / "predictions.jsonl").read_text().splitlines()]
+    text_rows = [r for r in rows if r["query"] == "text"]
+    assert [set(r["top5"][:2]) for r in text_rows] == [{gallery.keys[i] for i in n.tolist()} for n in nearest]
+
+
+def test_recall_by_hand() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.8, 0.3],     # image 0: captions 0 and 1
+                           [0.7, 0.2, 0.1, 0.6],     # image 1: caption 2
+                           [0.2, 0.5, 0.4, 0.65]])   # image 2: caption 3
+    ranking = rank_gallery(scores, scores, torch.tensor([0, 0, 1, 2]))
+    # image 0's caption 0 ranks 4th but caption 1 first: ANY caption counts
+    assert ranking.image_ranks.tolist() == [1, 4, 1]
+    assert ranking.text_ranks.tolist() == [3, 1, 3, 1]
+    assert ranking.text_order[0].tolist() == [1, 2, 0]
+    m = ranking.metrics(ks=(1, 3, 4))
+    assert (m["tr_r1"], m["tr_r3"], m["tr_r4"]) == pytest.approx((2 / 3, 2 / 3, 1.0))
+    assert (m["ir_r1"], m["ir_r3"], m["ir_r4"]) == pytest.approx((0.5, 1.0, 1.0))
+    assert m["rsum_mean"] == pytest.approx((2 / 3 + 2 / 3 + 1 + 0.5 + 1 + 1) / 6)
+    ranks, _ = best_ranks(torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[False, False, True]]))
+    assert ranks.tolist() == [3], "ties rank the lower index first"
+
+
+def test_rerank_candidates_rank_first() -> None:
+    sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]])
+    i2t, t2i = topk_candidates(sim, 1)
+    assert i2t.tolist() == [[True, False, False], [False, True, False]]
+    assert t2i.tolist() == [[True, False, True], [False, True, False]]
+    assert topk_candidates(sim, 5)[0].all() and topk_candidates(sim, 5)[1].all()
+    itm = torch.tensor([[5.0, -40.0, 7.0, 100.0]], dtype=torch.float64)
+    combined = rerank_scores(itm, torch.tensor([[False, True, True, False]]), torch.tensor([[0.9, 0.1, -0.5, -0.2]]))
+    assert combined.argsort(descending=True)[0].tolist() == [2, 1, 0, 3], "ITM among candidates, then cosine"
+
+
+def test_gallery_reads_every_sample_once(retrieval: tuple[Path, Path]) -> None:
+    shards, _ = retrieval
+    assert len(json.loads((shards / "manifest.json").read_text())["splits"]["val"]["shards"]) == 3
+    gallery = read_gallery(shards, "val", 32)
+    samples = list(generate("retrieval", "val", N_VAL))
+    assert gallery.keys == tuple(s.key for s in samples)
+    assert gallery.texts == tuple(t for s in samples for t in s.texts)
+    assert gallery.text_image.tolist() == [i for i, s in enumerate(samples) for _ in s.texts]
+    assert gallery.images.shape == (N_VAL, 3, 32, 32)
+    assert all(torch.equal(gallery.images[i], load_image(samples[i].images[0], 32)) for i in (0, 5, 11))
+
+
+def _write_split(out: Path, shards: list[list[dict]], samples: int) -> Path:
+    out.mkdir()
+    for n, records in enumerate(shards):
+        with wds.TarWriter(str(out / f"val-{n:06d}.tar")) as sink:
+            for record in records:
+                sink.write(record)
+    manifest = {"task": "retrieval", "splits": {"val": {"samples": samples, "shards": [
+        {"file": f"val-{n:06d}.tar"} for n in range(len(shards))]}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_gallery_errors(tmp_path: Path) -> None:
+    png = next(generate("retrieval", "val", 1)).images[0]
+
+    def record(key: str, texts: object) -> dict:
+        return {"__key__": key, "json": json.dumps({"texts": texts}).encode(), "img0.png": png}
+
+    bad = _write_split(tmp_path / "bad", [[record("a", ["a red circle"]), record("b", [])]], 2)
+    with pytest.raises(ValueError, match=r"val-000000\.tar: sample b: cannot decode .*'texts'"):
+        read_gallery(bad, "val", 32)
+    twice = _write_split(tmp_path / "twice", [[record("a", ["x"])], [record("a", ["y"])]], 2)
+    with pytest.raises(ValueError, match=r"val-000001\.tar: sample a: duplicate key"):
+        read_gallery(twice, "val", 32)
+    short = _write_split(tmp_path / "short", [[record("a", ["x"])]], 2)
+    with pytest.raises(ValueError, match="lists 2 samples, its shards hold 1"):
+        read_gallery(short, "val", 32)
+
+
+def test_unimodal_features_are_the_co_attention_inputs() -> None:
+    plain = tiny("retrieval").eval()
+    trimmed = tiny("retrieval", trim=smarttrim.TrimConfig())
+    trimmed.load_backbone_state_dict(plain.backbone_state_dict())
+    randomize_trimmers(trimmed, seed=1, std=0.3)
+    trimmed.eval()
+    batch = plain.dummy_batch(3, with_labels=False)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [getattr(plain.backbone, f"cross_modal_{s}_transform").register_forward_hook(
+        lambda _m, _i, out, s=s: seen.__setitem__(s, out[:, 0])) for s in ("text", "image")]
+    with torch.no_grad():
+        plain(batch)
+        for hook in hooks:
+            hook.remove()
+        text = plain.text_features(batch["input_ids"], batch["attention_mask"])
+        image = plain.image_features(batch["pixel_values"])
+        assert torch.allclose(text, seen["text"], atol=1e-6) and torch.allclose(image, seen["image"], atol=1e-6)
+        assert trimmed(batch).keep_groups["vision_tokens"].max() < 1, "the trimmed model does prune"
+        assert torch.allclose(trimmed.image_features(batch["pixel_values"]), image, atol=1e-6), "never trimmed"
+        assert torch.allclose(trimmed.text_features(batch["input_ids"], batch["attention_mask"]), text, atol=1e-6)

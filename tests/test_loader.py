@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import smarttrim
-from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
+from smarttrim.data.loader import LoaderConfig, make_loader, plan_epoch, read_manifest
 from smarttrim.data.tokenizer import load_tokenizer
 from stages.shard import ShardConfig, run
 
@@ -119,3 +120,66 @@ def test_shard_tokenizer_resolution(vqa_shards: Path) -> None:
     assert shard_tokenizer(f"file://{vqa_shards}", override=vqa_shards / "tokenizer") is not None
     with pytest.raises(ValueError, match="pass a local one"):
         shard_tokenizer(f"file://{vqa_shards}")
+
+
+@pytest.fixture(scope="module")
+def retrieval_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Several captions per image and ITM negatives: collation makes random choices."""
+    out = tmp_path_factory.mktemp("shards") / "retrieval"
+    run(ShardConfig(source="shapes", task="retrieval", out=str(out), shapes_sizes=(40, 6, 3), shard_size=7))
+    return out
+
+
+def test_planned_epoch_gives_every_rank_the_same_number_of_batches(vqa_shards: Path) -> None:
+    manifest, tok = read_manifest(vqa_shards), _tokenizer(vqa_shards)
+    counts = [s["samples"] for s in manifest["splits"]["train"]["shards"]]
+    assert counts == [7, 7, 7, 7, 7, 5]
+    for epoch in (0, 1):
+        base = LoaderConfig(batch_size=3, image_size=32, train=True, epoch=epoch, num_workers=2, shuffle_buffer=5)
+        plan = plan_epoch(manifest, "train", base, world_size=2)
+        # 6 shards over 2 ranks x 2 workers: the emptiest reader has one shard (5 or 7 samples) -> 1 or 2 batches
+        assert plan.batches_per_worker in (1, 2) and plan.batches_per_rank == 2 * plan.batches_per_worker
+        assert plan.samples_dropped == 40 - 2 * plan.batches_per_rank * 3
+        seen: list[str] = []
+        for rank in (0, 1):
+            cfg = dataclasses.replace(base, rank=rank, world_size=2, batches_per_worker=plan.batches_per_worker)
+            batches = list(make_loader(vqa_shards, "train", tok, cfg))
+            assert len(batches) == plan.batches_per_rank and all(len(b["keys"]) == 3 for b in batches)
+            seen += [k for b in batches for k in b["keys"]]
+        assert len(seen) == len(set(seen)), "ranks read disjoint samples"
+    with pytest.raises(ValueError, match="fewer than batch_size=8"):
+        plan_epoch(manifest, "train", LoaderConfig(batch_size=8, train=True, num_workers=2), world_size=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipping_batches_resumes_an_epoch_exactly(retrieval_shards: Path, num_workers: int) -> None:
+    """A resumed epoch (skip k batches) yields exactly the uninterrupted epoch's batches from k on: same
+    samples, same captions, same ITM negatives."""
+    manifest, tok = read_manifest(retrieval_shards), _tokenizer(retrieval_shards)
+    base = LoaderConfig(batch_size=4, image_size=32, train=True, seed=3, epoch=1, num_workers=num_workers,
+                        shuffle_buffer=10)
+    plan = plan_epoch(manifest, "train", base, world_size=1)
+    cfg = dataclasses.replace(base, batches_per_worker=plan.batches_per_worker)
+    full = list(make_loader(retrieval_shards, "train", tok, cfg))
+    assert len(full) == plan.batches_per_rank >= 4
+    for skip in (1, 3):
+        resumed = list(make_loader(retrieval_shards, "train", tok, dataclasses.replace(cfg, skip_batches=skip)))
+        assert len(resumed) == len(full) - skip
+        for a, b in zip(full[skip:], resumed, strict=True):
+            assert a["keys"] == b["keys"]
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+    with pytest.raises(ValueError, match="skip_batches needs batches_per_worker"):
+        LoaderConfig(train=True, skip_batches=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_reading_an_epoch_leaves_the_global_torch_rng_alone(vqa_shards: Path, num_workers: int) -> None:
+    """Dropout and Gumbel noise draw from the global RNG: a resumed run, which starts a loader mid-training,
+    must see the same draws as an uninterrupted one."""
+    cfg = LoaderConfig(batch_size=8, image_size=32, train=True, num_workers=num_workers, shuffle_buffer=5)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert len(list(make_loader(vqa_shards, "train", _tokenizer(vqa_shards), cfg))) > 0
+    assert torch.equal(torch.rand(3), expected)

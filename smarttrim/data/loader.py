@@ -7,6 +7,11 @@ One pipeline for training and evaluation, correct under Ray Train / DDP:
 * training shuffles shard order with a seed shared by all ranks (the same permutation everywhere, so the
   split stays a partition) that changes with the epoch, then shuffles samples in a buffer seeded per
   (seed, epoch, rank, worker);
+* training epochs are planned (``plan_epoch``): every (rank, worker) yields the same number of batches, so
+  data-parallel ranks never wait on a rank that ran out, and a resumed run can skip exactly the batches it
+  already trained on (``LoaderConfig.skip_batches``: raw samples are dropped after the shuffle, before
+  decoding). Random choices in collation (which caption, which ITM negative) are seeded by the samples'
+  keys, not by position, so a resumed epoch sees exactly the batches of an uninterrupted one;
 * images are decoded, resized to the model's input size (bicubic) and normalized with CLIP's mean and std;
   texts are tokenized per batch with a transformers fast tokenizer (padding to the longest, truncation).
 
@@ -18,6 +23,7 @@ Batches are dicts: ``pixel_values`` (B, 3, H, W) (NLVR2: (B, 2, 3, H, W)), ``inp
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -51,13 +57,24 @@ class LoaderConfig:
     rank: int | None = None
     """Data-parallel rank; None = torch.distributed's when initialized, else 0."""
     world_size: int | None = None
+    batches_per_worker: int | None = None
+    """Training: each DataLoader worker (or the main process with 0 workers) yields exactly this many batches
+    (``plan_epoch`` computes it so all ranks and workers agree); None = as many as its shards give."""
+    skip_batches: int = 0
+    """Training resume: skip this rank's first N batches of the epoch (in the DataLoader's round-robin order
+    over workers); the skipped samples are not decoded."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "image_size", "max_text_len", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers={self.num_workers!r}: must be >= 0")
+        for name in ("num_workers", "skip_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.batches_per_worker is not None and self.batches_per_worker < 0:
+            raise ValueError(f"batches_per_worker={self.batches_per_worker!r}: must be >= 0 or None")
+        if self.skip_batches and self.batches_per_worker is None:
+            raise ValueError("skip_batches needs batches_per_worker (plan the epoch with plan_epoch)")
 
 
 def _is_url(location: str | Path) -> bool:
@@ -91,14 +108,28 @@ def _dist_info(cfg: LoaderConfig) -> tuple[int, int]:
     return 0, 1
 
 
-def _worker_info() -> tuple[int, int]:
+def _worker_info(cfg: LoaderConfig) -> tuple[int, int]:
+    """(worker, num_workers) of this DataLoader worker as the epoch's plan numbers it.
+
+    A resumed epoch that skips k batches renumbers its workers by k: the DataLoader always starts its
+    round-robin at worker 0, and the uninterrupted epoch's (k+1)-th batch came from worker k mod W."""
     info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+    return (worker + cfg.skip_batches) % num_workers, num_workers
 
 
 def split_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
     """The shards of one (rank, worker): a partition of ``urls`` over world_size x num_workers readers."""
     return urls[rank::world_size][worker::num_workers]
+
+
+def epoch_order(items: list[Any], cfg: LoaderConfig) -> list[Any]:
+    """Shards in the order of ``cfg.epoch``: shuffled by (seed, epoch) when training, the same permutation on
+    every rank and worker (so the split stays a partition)."""
+    items = list(items)
+    if cfg.train:
+        random.Random(f"{cfg.seed}:{cfg.epoch}:shards").shuffle(items)
+    return items
 
 
 class _ShardList(torch.utils.data.IterableDataset):
@@ -109,18 +140,69 @@ class _ShardList(torch.utils.data.IterableDataset):
         self.urls, self.cfg = urls, cfg
 
     def __iter__(self) -> Iterator[dict[str, str]]:
-        urls = list(self.urls)
-        if self.cfg.train:  # same permutation on every rank and worker: the split stays a partition
-            random.Random(f"{self.cfg.seed}:{self.cfg.epoch}:shards").shuffle(urls)
         rank, world_size = _dist_info(self.cfg)
-        worker, num_workers = _worker_info()
-        for url in split_shards(urls, rank, world_size, worker, num_workers):
+        worker, num_workers = _worker_info(self.cfg)
+        for url in split_shards(epoch_order(self.urls, self.cfg), rank, world_size, worker, num_workers):
             yield {"url": url}
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How many batches one training epoch has, the same on every rank (see ``plan_epoch``)."""
+
+    batches_per_worker: int
+    """Batches each DataLoader worker yields (the minimum any (rank, worker) can fill)."""
+    batches_per_rank: int
+    """``batches_per_worker`` x max(1, num_workers)."""
+    samples_dropped: int
+    """Samples of the split left out this epoch (partial batches, and the excess of fuller workers)."""
+
+
+def plan_epoch(manifest: dict[str, Any], split: str, cfg: LoaderConfig, world_size: int) -> EpochPlan:
+    """The batch counts of epoch ``cfg.epoch`` for ``world_size`` ranks, from the manifest's per-shard sample
+    counts: every (rank, worker) yields as many full batches as the emptiest one can, so no rank waits on
+    another at the end of an epoch and a worker's k-th batch is the DataLoader's (k x workers + w)-th."""
+    shards = manifest["splits"][split]["shards"]
+    counts = {s["file"]: int(s["samples"]) for s in shards}
+    order = epoch_order([s["file"] for s in shards], cfg)
+    workers = max(1, cfg.num_workers)
+    per_reader = [sum(counts[f] for f in split_shards(order, r, world_size, w, workers))
+                  for r in range(world_size) for w in range(workers)]
+    per_worker = min(per_reader) // cfg.batch_size
+    if per_worker == 0:
+        raise ValueError(f"split {split!r}: a reader ({world_size} ranks x {workers} workers) gets only "
+                         f"{min(per_reader)} samples, fewer than batch_size={cfg.batch_size}; re-shard with a "
+                         "smaller shard size or lower the batch size")
+    total = sum(counts.values())
+    return EpochPlan(per_worker, per_worker * workers, total - per_worker * workers * world_size * cfg.batch_size)
+
+
+def _worker_skip(cfg: LoaderConfig) -> int:
+    """Batches this worker skips so that the DataLoader (round-robin over workers) skips ``cfg.skip_batches``."""
+    worker, num_workers = _worker_info(cfg)
+    return len(range(worker, cfg.skip_batches, num_workers))
+
+
+def _skip(cfg: LoaderConfig) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Drop the raw samples of the batches this worker skips (before decoding)."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        yield from itertools.islice(src, _worker_skip(cfg) * cfg.batch_size, None)
+    return stage
+
+
+def _limit(cfg: LoaderConfig) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Stop after this worker's planned batches (``batches_per_worker`` minus the skipped ones)."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        if cfg.batches_per_worker is None:
+            yield from src
+            return
+        yield from itertools.islice(src, max(0, cfg.batches_per_worker - _worker_skip(cfg)))
+    return stage
 
 
 def _sample_rng(cfg: LoaderConfig) -> random.Random:
     rank, _ = _dist_info(cfg)
-    worker, _ = _worker_info()
+    worker, _ = _worker_info(cfg)
     return random.Random(f"{cfg.seed}:{cfg.epoch}:{rank}:{worker}:samples")
 
 
@@ -156,24 +238,22 @@ def _decoder(task: str, image_size: int, shard_dir: str) -> Callable[[dict[str, 
 
 
 class Collate:
-    """Stack images, tokenize texts, build labels for a task (picklable for DataLoader workers)."""
+    """Stack images, tokenize texts, build labels for a task (picklable for DataLoader workers).
+
+    Random choices are seeded by ``seed`` and the samples' keys, never by position: the same samples give
+    the same batch whichever worker collates them and however many batches came before (exact resume)."""
 
     def __init__(self, task: str, tokenizer: Any, num_labels: int, max_text_len: int, train: bool,
                  seed: str) -> None:
         self.task, self.tokenizer, self.num_labels = task, tokenizer, num_labels
         self.max_text_len, self.train, self.seed = max_text_len, train, seed
-        self._rng: random.Random | None = None
 
-    @property
-    def rng(self) -> random.Random:
-        """Seeded per DataLoader worker (created in the worker, on first use)."""
-        if self._rng is None:
-            self._rng = random.Random(f"{self.seed}:{_worker_info()[0]}:collate")
-        return self._rng
+    def _rng(self, *parts: str) -> random.Random:
+        return random.Random(":".join((self.seed, *parts)))
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        texts = [s["info"]["texts"][self.rng.randrange(len(s["info"]["texts"])) if self.train else 0]
-                 for s in samples]
+        texts = [s["info"]["texts"][self._rng(s["key"], "text").randrange(len(s["info"]["texts"]))
+                                    if self.train else 0] for s in samples]
         batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixels"] for s in samples]),
                                  "keys": [s["key"] for s in samples]}
         if self.task == "vqa":
@@ -185,10 +265,10 @@ class Collate:
         elif self.task in ("nlvr2", "snli_ve") and all("label_id" in s["info"] for s in samples):
             batch["labels"] = torch.tensor([s["info"]["label_id"] for s in samples])
         elif self.task == "retrieval" and len(samples) > 1:  # ITM: half the pairs get another image's text
-            labels = []
+            labels, rng = [], self._rng(*(s["key"] for s in samples), "itm")
             for i in range(len(samples)):
-                if self.rng.random() < 0.5:
-                    j = self.rng.choice([k for k in range(len(samples)) if k != i])
+                if rng.random() < 0.5:
+                    j = rng.choice([k for k in range(len(samples)) if k != i])
                     texts[i] = samples[j]["info"]["texts"][0]
                     labels.append(0)
                 else:
@@ -239,8 +319,13 @@ def make_loader(shards: str | Path, split: str, tokenizer: Any, cfg: LoaderConfi
         _ShardList(urls, cfg),
         wds.tarfile_to_samples(),
         _shuffle(cfg),
+        _skip(cfg),
         wds.map(_decoder(task, cfg.image_size, str(shards))),
         wds.batched(cfg.batch_size, collation_fn=collate, partial=not cfg.train),
+        _limit(cfg),
     )
+    # a private generator: starting an epoch must not draw from the global torch RNG (dropout, Gumbel
+    # noise), or a resumed run, which starts its epoch mid-way, would draw different noise afterwards
+    generator = torch.Generator().manual_seed(hash((cfg.seed, cfg.epoch, rank)) % 2**63)
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, generator=generator)

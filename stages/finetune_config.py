@@ -1,0 +1,220 @@
+"""What a fine-tuning run is: ``FinetuneConfig``, its DeepSpeed JSON, the epoch schedule and the initial model.
+
+Shared by the driver (``stages.finetune``) and the worker (``stages.train_loop``); imports neither Ray nor
+DeepSpeed, so configs validate anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from smarttrim.config import TASK_NUM_LABELS, TrimConfig, model_config
+from smarttrim.data.loader import EpochPlan, LoaderConfig, plan_epoch
+from smarttrim.io import load_model
+from smarttrim.model import SmartTrimModel
+from smarttrim.training import TrainConfig
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
+"""Named DeepSpeed configs (``zero0``, ``zero1``, ``zero2``): JSON files whose batch, accumulation, clipping
+and precision fields are ``"auto"`` and filled from the ``TrainConfig``."""
+
+TRAINING_FIELDS = ("shards", "train_split", "preset", "init", "dropout", "trim", "train", "num_workers",
+                   "deepspeed", "tokenizer")
+"""The fields that decide what is trained: a checkpoint resumes only a run with the same values."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning run: data, model, SmartTrim config, training recipe, and how Ray runs it."""
+
+    shards: str
+    """Shard location written by ``stages.shard`` (the task and labels come from its manifest)."""
+    out: str
+    """Output directory: ``model/`` (export), ``metrics.json``, ``history.jsonl``, ``curves.png``."""
+    preset: str = "meter-tiny"
+    """Model preset when starting from scratch (ignored with ``init``)."""
+    init: str | None = None
+    """An exported model directory to start from: its backbone and head weights are loaded, trimmers start
+    at stable init (the paper's recipe: SmartTrim fine-tunes an already fine-tuned backbone)."""
+    dropout: float | None = None
+    """Override of the model's dropout (None = the preset's, or the init model's)."""
+    trim: TrimConfig | None = None
+    """SmartTrim's config; None trains the plain backbone."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    train_split: str = "train"
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
+    cpus_per_worker: int = 1
+    threads: int = 1
+    """torch CPU threads per worker."""
+    loader_workers: int = 0
+    """DataLoader worker processes per training worker."""
+    deepspeed: str = "zero0"
+    """A config name in ``cluster/deepspeed/`` (``zero0``, ``zero1``, ``zero2``) or a JSON file path."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in run storage (the latest ones)."""
+    max_failures: int = 2
+    """Worker-group failures to recover from (each resumes from the latest checkpoint)."""
+    storage: str | None = None
+    """Ray Train run storage (a shared path or URI on a multi-node cluster); None = ``<out>.ray`` beside out."""
+    run_name: str | None = None
+    """Ray Train run name; None = the output directory's name. A restarted driver with the same storage and
+    run name resumes from the run's latest checkpoint."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = the shards' tokenizer."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train={self.train!r}: must be a TrainConfig")
+        for name in ("num_workers", "cpus_per_worker", "threads", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        for name in ("loader_workers", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.checkpoint_every % self.train.log_every:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every!r}: must be a multiple of train.log_every="
+                             f"{self.train.log_every} (a resumed run's curve then lines up with its checkpoint)")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1) or None")
+        if self.trim is not None and not isinstance(self.trim, TrimConfig):
+            raise ValueError(f"trim={self.trim!r}: must be a TrimConfig or None")
+        load_deepspeed_json(self.deepspeed)  # exists and parses
+        stage = deepspeed_config(self)["zero_optimization"]["stage"]
+        if self.train.precision == "bf16" and stage < 1:
+            raise ValueError(f"deepspeed={self.deepspeed!r}: bf16 needs ZeRO stage >= 1 (fp32 master weights "
+                             f"for the export); use zero1 or zero2")
+
+    @property
+    def storage_path(self) -> str:
+        if self.storage is not None:
+            return self.storage
+        out = Path(self.out).resolve()
+        return str(out.with_name(out.name + ".ray"))
+
+    @property
+    def name(self) -> str:
+        return self.run_name or Path(self.out).resolve().name
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["trim"] = None if self.trim is None else self.trim.to_dict()
+        data["train"] = self.train.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"FinetuneConfig: unknown fields {sorted(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("trim"), dict):
+            data["trim"] = TrimConfig.from_dict(data["trim"])
+        if isinstance(data.get("train"), dict):
+            data["train"] = TrainConfig.from_dict(data["train"])
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """sha256 of the fields that decide what is trained (``TRAINING_FIELDS``)."""
+        data = self.to_dict()
+        data["deepspeed"] = deepspeed_config(self)
+        blob = json.dumps({k: data[k] for k in TRAINING_FIELDS}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_deepspeed_json(name: str) -> dict[str, Any]:
+    """A named config of ``cluster/deepspeed/`` or a JSON file."""
+    path = DEEPSPEED_DIR / f"{name}.json" if "/" not in name and not name.endswith(".json") else Path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
+        raise ValueError(f"deepspeed={name!r}: no such file {path} (named configs: {known})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from err
+
+
+def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a run: the JSON file with its ``"auto"`` fields filled from ``cfg.train``.
+    A field set in the file to a value other than the training config's is an error."""
+    ds = load_deepspeed_json(cfg.deepspeed)
+    t = cfg.train
+    fill = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+            "gradient_clipping": 0.0 if t.max_grad_norm is None else t.max_grad_norm}
+    for key, value in fill.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"deepspeed={cfg.deepspeed!r}: {key}={ds[key]!r} contradicts the training config "
+                             f"({value!r}); set it to \"auto\"")
+        ds[key] = value
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accumulation x world size
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled", "auto") not in ("auto", t.precision == "bf16"):
+        raise ValueError(f"deepspeed={cfg.deepspeed!r}: bf16.enabled={bf16['enabled']!r} contradicts "
+                         f"precision={t.precision!r}")
+    bf16["enabled"] = t.precision == "bf16"
+    ds.setdefault("zero_optimization", {"stage": 0})
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"deepspeed={cfg.deepspeed!r}: ZeRO stage {stage!r} is not supported (0, 1 or 2: stage 3 "
+                         "partitions the weights the pruning path slices per instance)")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"deepspeed={cfg.deepspeed!r}: optimizer and scheduler come from the training config "
+                         "(METER's parameter groups); remove them from the JSON")
+    ds["zero_allow_untested_optimizer"] = True  # torch AdamW with parameter groups
+    return ds
+
+
+def num_labels(manifest: dict[str, Any]) -> int:
+    task = manifest["task"]
+    return TASK_NUM_LABELS[task] or len(manifest["labels"])
+
+
+def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartTrimModel:
+    """The model training starts from: ``cfg.init``'s backbone (+ fresh trimmers) or a new preset model."""
+    task = manifest["task"]
+    if cfg.init is not None:
+        source = load_model(cfg.init)
+        mcfg = source.config
+        if mcfg.task != task or mcfg.num_labels != num_labels(manifest):
+            raise ValueError(f"{cfg.init}: model is {mcfg.task} with {mcfg.num_labels} labels, the shards are "
+                             f"{task} with {num_labels(manifest)}")
+        if cfg.dropout is not None:
+            mcfg = replace(mcfg, dropout=cfg.dropout)
+        model = SmartTrimModel(mcfg, cfg.trim)
+        model.load_backbone_state_dict(source.backbone_state_dict())
+        return model
+    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    return SmartTrimModel(model_config(cfg.preset, task=task, num_labels=num_labels(manifest), **overrides),
+                          cfg.trim)
+
+
+def epoch_schedule(cfg: FinetuneConfig, manifest: dict[str, Any], base: LoaderConfig,
+                   world: int) -> tuple[list[EpochPlan], list[int], int]:
+    """Per epoch: the loader plan and the optimizer steps (identical on every rank); and the total steps.
+
+    ``train.max_steps`` set: epochs repeat until that many steps; else ``train.epochs`` epochs."""
+    t = cfg.train
+    plans: list[EpochPlan] = []
+    steps: list[int] = []
+    while (sum(steps) < t.max_steps) if t.max_steps is not None else (len(plans) < t.epochs):
+        plan = plan_epoch(manifest, cfg.train_split, replace(base, epoch=len(plans)), world)
+        n = plan.batches_per_rank // t.grad_accum
+        if n == 0:
+            raise ValueError(f"{cfg.shards}: an epoch gives each rank {plan.batches_per_rank} batches, fewer than "
+                             f"grad_accum={t.grad_accum}")
+        plans.append(plan)
+        steps.append(n)
+    total = t.max_steps if t.max_steps is not None else sum(steps)
+    return plans, steps, total
+
+
+__all__ = ["DEEPSPEED_DIR", "FinetuneConfig", "build_initial_model", "deepspeed_config", "epoch_schedule",
+           "load_deepspeed_json", "num_labels"]

@@ -1,0 +1,262 @@
+"""The training worker of ``stages.finetune``: runs inside each Ray Train worker process.
+
+One call of ``train_loop`` per worker: build the model (same init on every rank), wrap it in a DeepSpeed
+engine (AdamW with METER's parameter groups, warmup + decay, gradient accumulation, clipping, fp32/bf16,
+ZeRO stage from the JSON config), resume from the latest Ray checkpoint if there is one, then train over
+planned epochs of the WebDataset shards, driving SmartTrim's curriculum with ``set_progress``.
+
+Every ``checkpoint_every`` steps and at the end, all ranks write a DeepSpeed checkpoint plus this rank's RNG
+states into a local directory and report it with ``ray.train.report`` (Ray uploads it to run storage and
+keeps the last K). Rank 0 adds ``trainer_state.json`` (step, curves, resumes, config fingerprint); the final
+checkpoint also holds ``model/``, the exported fp32 model. A resumed run replays exactly: the epoch plan and
+``LoaderConfig.skip_batches`` put the data at the same batch, the RNG states are restored, so its loss
+curve continues the interrupted one.
+
+Before each step the ranks all-reduce the loss parts; a NaN/inf on any rank stops every rank before the
+bad step is applied, and rank 0 returns ``{"status": "nonfinite", ...}`` (a return value, not an
+exception: Ray would retry an exception from the last checkpoint and meet the same NaN again).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
+from smarttrim.io import save_pretrained
+from smarttrim.model import GROUPS, SmartTrimModel
+from smarttrim.training import lr_lambda, param_groups
+from stages.finetune_config import FinetuneConfig, build_initial_model, deepspeed_config, epoch_schedule
+
+CHECKPOINT_TAG = "deepspeed"
+STATE_FILE = "trainer_state.json"
+EXPORT_DIR = "model"
+
+
+@dataclass
+class TrainerState:
+    """What rank 0 writes into every checkpoint besides DeepSpeed's files."""
+
+    step: int = 0
+    fingerprint: str = ""
+    world_size: int = 1
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    """Training samples consumed over all ranks (steps x global batch)."""
+    train_seconds: float = 0.0
+    """Wall time spent in training steps (not in checkpointing), summed over attempts."""
+
+
+def step_position(steps_per_epoch: list[int], step: int, accum: int) -> tuple[int, int]:
+    """(epoch, micro-batches of that epoch already done) of global ``step`` given each epoch's steps."""
+    for epoch, n in enumerate(steps_per_epoch):
+        if step < n:
+            return epoch, step * accum
+        step -= n
+    raise ValueError(f"step {step} is past the planned epochs")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to ``device``; images to the engine's dtype (bf16 weights need bf16 inputs)."""
+    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+class _Window:
+    """Sums of the all-reduced per-step values over one logging window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.samples, self.seconds = 0, 0, 0.0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def row(self, step: int, epoch: int, lrs: dict[str, float], gamma: dict[str, float]) -> dict[str, float]:
+        row = {"step": step, "epoch": epoch, **{k: v / max(1, self.steps) for k, v in self.sums.items()},
+               **{f"lr/{k}": v for k, v in lrs.items()}, **{f"gamma/{k}": v for k, v in gamma.items()},
+               "samples_per_s": self.samples / self.seconds if self.seconds else 0.0}
+        self.__init__()  # type: ignore[misc]
+        return row
+
+
+def export_state(engine: Any, bf16: bool) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict (collective under ZeRO: every rank must call it): with bf16 the parameters
+    come from the optimizer's fp32 master copies, not the bf16 working weights."""
+    state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    if bf16:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, p in engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:
+                raise RuntimeError(f"no fp32 master copy of parameter {name} (bf16 needs ZeRO stage >= 1)")
+            state[name] = full.detach().float().cpu()
+    return state
+
+
+def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker function (``payload``: ``FinetuneConfig.to_dict()`` + ``fingerprint``)."""
+    import deepspeed
+    import ray.train
+
+    cfg = FinetuneConfig.from_dict(payload["config"])
+    tcfg = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(tcfg.seed)  # identical initialization on every rank
+    manifest = read_manifest(cfg.shards)
+    tokenizer = shard_tokenizer(cfg.shards, cfg.tokenizer)
+    model = build_initial_model(cfg, manifest)
+    base = LoaderConfig(batch_size=tcfg.batch_size, image_size=model.config.image_size,
+                        max_text_len=model.config.max_text_len, train=True, seed=tcfg.seed,
+                        num_workers=cfg.loader_workers, rank=rank, world_size=world)
+    plans, steps_per_epoch, total = epoch_schedule(cfg, manifest, base, world)
+
+    groups = param_groups(model, tcfg)
+    optimizer = torch.optim.AdamW(groups, betas=tcfg.betas, eps=tcfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg))
+    dtype = next(engine.module.parameters()).dtype
+    module: SmartTrimModel = engine.module
+    group_names = [g["name"] for g in groups]
+
+    state = TrainerState(fingerprint=payload["fingerprint"], world_size=world)
+    torch.manual_seed(tcfg.seed * 1000 + rank + 1)  # dropout and Gumbel noise differ between ranks
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            saved = TrainerState(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
+            if saved.fingerprint != state.fingerprint or saved.world_size != world:
+                return {"status": "mismatch", "message": (
+                    f"checkpoint {checkpoint.path} was written by a different configuration "
+                    f"(fingerprint {saved.fingerprint[:12]}, {saved.world_size} workers) than this run "
+                    f"({state.fingerprint[:12]}, {world} workers); use another run name or output directory")}
+            engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+            _set_rng_state(torch.load(Path(ckpt_dir) / f"rng_rank{rank}.pt", weights_only=False))
+            state = saved
+            state.resumes.append({"step": saved.step, "checkpoint": checkpoint.path, "time": time.time()})
+        if rank == 0:
+            print(f"[finetune] resumed from step {state.step}/{total} ({checkpoint.path})", flush=True)
+
+    def save(final: bool) -> None:
+        with tempfile.TemporaryDirectory(prefix="smarttrim-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+            torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+            weights = export_state(engine, tcfg.precision == "bf16") if final else None
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state.__dict__))
+                if weights is not None:
+                    export = SmartTrimModel(module.config, module.trim_config)
+                    export.load_state_dict(weights)
+                    save_pretrained(export, Path(tmp) / EXPORT_DIR, extra={"tokenizer": "tokenizer"})
+                    tokenizer.save_pretrained(str(Path(tmp) / EXPORT_DIR / "tokenizer"))
+            metrics = {"step": state.step, "final": final, **(state.history[-1] if state.history else {})}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    window = _Window()
+    keys: list[str] | None = None
+    epoch, done_micro = step_position(steps_per_epoch, state.step, tcfg.grad_accum) if state.step < total \
+        else (len(steps_per_epoch), 0)
+    engine.train()
+    while state.step < total:
+        micro_per_epoch = steps_per_epoch[epoch] * tcfg.grad_accum
+        loader_cfg = LoaderConfig(**{**base.__dict__, "epoch": epoch, "skip_batches": done_micro,
+                                     "batches_per_worker": plans[epoch].batches_per_worker})
+        micro = done_micro
+        tick = time.perf_counter()
+        for batch in make_loader(cfg.shards, cfg.train_split, tokenizer, loader_cfg):
+            if micro == micro_per_epoch:
+                break
+            module.set_progress(state.step / total)
+            out = engine(_to_device(batch, engine.device, dtype))
+            parts = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.loss_parts.items()},
+                     **{f"keep/{g}": v.detach().float().mean() for g, v in out.keep_groups.items()}}
+            if keys is None:
+                keys = sorted(parts)
+            values = torch.stack([parts[k].float().reshape(()) for k in keys]).cpu()
+            finite = torch.isfinite(values).all()
+            values = _all_reduce_mean(torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0),
+                                                 (~finite).float()[None]]))
+            if float(values[-1]) > 0:  # a NaN/inf on some rank: every rank stops before the update
+                bad = {k: float(parts[k]) for k in keys}
+                return {"status": "nonfinite", "step": state.step, "rank_parts": bad, "message": (
+                    f"non-finite loss at step {state.step + 1} (epoch {epoch}); loss parts on rank {rank}: "
+                    f"{bad}; the last good checkpoint is kept, lower the learning rate or check the data")}
+            engine.backward(out.loss)
+            engine.step()
+            window.add(dict(zip(keys, values[:-1].tolist(), strict=True)))
+            micro += 1
+            if micro % tcfg.grad_accum:
+                continue
+            state.step += 1
+            n = tcfg.batch_size * tcfg.grad_accum * world
+            state.samples += n
+            window.steps, window.samples = window.steps + 1, window.samples + n
+            now = time.perf_counter()
+            window.seconds += now - tick
+            state.train_seconds += now - tick
+            if state.step % tcfg.log_every == 0 or state.step == total:
+                lrs = dict(zip(group_names, scheduler.get_last_lr(), strict=True))
+                gamma = module.trim_config.gamma(state.step / total) if module.trim_config is not None else {}
+                # window sums hold grad_accum micro values per step: scale to per-micro-batch means
+                row = window.row(state.step, epoch, lrs, {g: gamma[g] for g in GROUPS if g in gamma})
+                for k in keys:
+                    row[k] /= tcfg.grad_accum
+                state.history.append(row)
+                if rank == 0:
+                    _print_row(row, total, keys)
+            if state.step % cfg.checkpoint_every == 0 and state.step < total:
+                save(final=False)
+            tick = time.perf_counter()
+            if state.step == total:
+                break
+        epoch, done_micro = epoch + 1, 0
+    save(final=True)
+    return {"status": "ok", "state": state.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch}
+
+
+def _print_row(row: dict[str, float], total: int, keys: list[str]) -> None:
+    parts = " ".join(f"{k}={row[k]:.4f}" for k in keys if not k.startswith("keep/"))
+    keep = " ".join(f"{k[5:]}={row[k]:.2f}" for k in keys if k.startswith("keep/"))
+    print(f"[finetune] step {int(row['step'])}/{total} epoch {int(row['epoch'])} {parts}"
+          f"{' keep ' + keep if keep else ''} {row['samples_per_s']:.1f} samples/s", flush=True)
+
+
+__all__ = ["CHECKPOINT_TAG", "EXPORT_DIR", "STATE_FILE", "TrainerState", "export_state", "step_position",
+           "train_loop"]
