@@ -23,7 +23,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +94,26 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
+@dataclass
 class _Window:
-    """Sums of the all-reduced per-step values over one logging window."""
+    """Sums of the all-reduced per-micro-batch values over one logging window of optimizer steps."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps, self.samples, self.seconds = 0, 0, 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+    micro: int = 0
+    samples: int = 0
+    seconds: float = 0.0
 
     def add(self, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+        self.micro += 1
 
     def row(self, step: int, epoch: int, lrs: dict[str, float], gamma: dict[str, float]) -> dict[str, float]:
-        row = {"step": step, "epoch": epoch, **{k: v / max(1, self.steps) for k, v in self.sums.items()},
+        """The window's curve point (means per micro-batch), then an empty window."""
+        row = {"step": step, "epoch": epoch, **{k: v / max(1, self.micro) for k, v in self.sums.items()},
                **{f"lr/{k}": v for k, v in lrs.items()}, **{f"gamma/{k}": v for k, v in gamma.items()},
                "samples_per_s": self.samples / self.seconds if self.seconds else 0.0}
-        self.__init__()  # type: ignore[misc]
+        self.sums, self.micro, self.samples, self.seconds = {}, 0, 0, 0.0
         return row
 
 
@@ -132,12 +136,15 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function (``payload``: ``FinetuneConfig.to_dict()`` + ``fingerprint``)."""
     import deepspeed
     import ray.train
+    import ray.train.torch
 
     cfg = FinetuneConfig.from_dict(payload["config"])
     tcfg = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads)
+    if cfg.use_gpu:  # DeepSpeed places the engine on the current device: the GPU Ray assigned this worker
+        torch.cuda.set_device(ray.train.torch.get_device())
     torch.manual_seed(tcfg.seed)  # identical initialization on every rank
     manifest = read_manifest(cfg.shards)
     tokenizer = shard_tokenizer(cfg.shards, cfg.tokenizer)
@@ -196,8 +203,8 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     engine.train()
     while state.step < total:
         micro_per_epoch = steps_per_epoch[epoch] * tcfg.grad_accum
-        loader_cfg = LoaderConfig(**{**base.__dict__, "epoch": epoch, "skip_batches": done_micro,
-                                     "batches_per_worker": plans[epoch].batches_per_worker})
+        loader_cfg = replace(base, epoch=epoch, skip_batches=done_micro,
+                             batches_per_worker=plans[epoch].batches_per_worker)
         micro = done_micro
         tick = time.perf_counter()
         for batch in make_loader(cfg.shards, cfg.train_split, tokenizer, loader_cfg):
@@ -227,17 +234,14 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
             state.step += 1
             n = tcfg.batch_size * tcfg.grad_accum * world
             state.samples += n
-            window.steps, window.samples = window.steps + 1, window.samples + n
+            window.samples += n
             now = time.perf_counter()
             window.seconds += now - tick
             state.train_seconds += now - tick
             if state.step % tcfg.log_every == 0 or state.step == total:
                 lrs = dict(zip(group_names, scheduler.get_last_lr(), strict=True))
                 gamma = module.trim_config.gamma(state.step / total) if module.trim_config is not None else {}
-                # window sums hold grad_accum micro values per step: scale to per-micro-batch means
                 row = window.row(state.step, epoch, lrs, {g: gamma[g] for g in GROUPS if g in gamma})
-                for k in keys:
-                    row[k] /= tcfg.grad_accum
                 state.history.append(row)
                 if rank == 0:
                     _print_row(row, total, keys)

@@ -205,3 +205,24 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(ray_cl
     steps = _checkpoint_steps(cfg)
     assert steps and steps[-1] < 10, "checkpoints up to the last finite step stay"
     assert not Path(cfg.out).exists(), "no export of a diverged run"
+
+
+def test_bf16_zero2_with_accumulation_exports_the_fp32_master_weights(ray_cluster: Any, shards: Path,
+                                                                      tmp_path: Path) -> None:
+    train = TrainConfig(max_steps=6, batch_size=8, grad_accum=2, lr=1e-3, log_every=3, precision="bf16")
+    cfg = dataclasses.replace(_config(shards, tmp_path / "bf16"), deepspeed="zero2", train=train, checkpoint_every=3)
+    metrics = run(cfg).metrics
+    # 4 shards of 40 per rank: 20 micro-batches -> 10 steps an epoch; 6 steps x 2 micro x 8 x 2 ranks samples
+    assert metrics["steps"] == 6 and metrics["steps_per_epoch"] == [10] and metrics["samples"] == 6 * 2 * 8 * 2
+    assert metrics["deepspeed"]["bf16"] == {"enabled": True} and metrics["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert [r["step"] for r in json.loads("[" + ",".join((tmp_path / "bf16" / "history.jsonl").read_text()
+                                                         .splitlines()) + "]")] == [3, 6]
+    exported = load_file(tmp_path / "bf16" / "model" / "model.safetensors")
+    ds_state = torch.load(Path(metrics["checkpoint"]) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt",
+                          map_location="cpu", weights_only=False)["module"]
+    name = "backbone.cross_modal_text_layers.0.attention.self.query.weight"
+    assert ds_state[name].dtype == torch.bfloat16 and exported[name].dtype == torch.float32
+    assert not torch.equal(exported[name], ds_state[name].float()), "the export holds fp32 masters, not bf16 copies"
+    assert torch.allclose(exported[name].bfloat16().float(), ds_state[name].float(), rtol=0, atol=0), \
+        "the bf16 working weights are the rounded fp32 masters"
+    smarttrim.load_model(tmp_path / "bf16" / "model")
