@@ -22,10 +22,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 run: install
-	$(PY) -m smarttrim.demo
+	$(PY) -m pipeline.run all --config pipeline/configs/quickstart.yaml
 
 lint: install
-	$(VENV)/bin/ruff check smarttrim stages tests bench
+	$(VENV)/bin/ruff check smarttrim stages pipeline cluster tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

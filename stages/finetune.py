@@ -56,6 +56,8 @@ def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.shards}: no split {cfg.train_split!r} (has {sorted(manifest['splits'])})")
     if cfg.init is not None:
         read_config(cfg.init)
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        raise FileNotFoundError(f"{cfg.pretrained}: no such METER checkpoint file")
     return manifest
 
 
@@ -114,7 +116,8 @@ def run(cfg: FinetuneConfig) -> StageOutputs:
     out = Path(cfg.out)
     fingerprint = cfg.fingerprint()
     done = out / "metrics.json"
-    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+    previous = json.loads(done.read_text()) if done.is_file() else {}
+    if previous.get("fingerprint") == fingerprint and previous.get("stop_at") == cfg.stop_at:
         print(f"[finetune] {out}: already trained with this configuration, skipping", flush=True)
         return StageOutputs(out, json.loads(done.read_text()))
     manifest = _check_inputs(cfg)
@@ -134,6 +137,7 @@ def run(cfg: FinetuneConfig) -> StageOutputs:
     history = state["history"]
     metrics = {
         "task": manifest["task"], "fingerprint": fingerprint, "steps": state["step"],
+        "total_steps": ret["total_steps"], "stop_at": cfg.stop_at,
         "epochs": len(ret["steps_per_epoch"]), "steps_per_epoch": ret["steps_per_epoch"],
         "samples": state["samples"], "train_seconds": state["train_seconds"],
         "samples_per_s": state["samples"] / state["train_seconds"] if state["train_seconds"] else 0.0,
@@ -189,7 +193,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     elif args.target is not None:
         raise ValueError("--target needs --trim smarttrim")
     data = FinetuneConfig(shards=args.shards, out=args.out).to_dict()
-    data.update(preset=args.preset, init=args.init, trim=trim, train={**data["train"], **train},
+    data.update(preset=args.preset, init=args.init, pretrained=args.pretrained, trim=trim,
+                train={**data["train"], **train},
                 num_workers=args.num_workers, use_gpu=args.use_gpu, deepspeed=args.deepspeed,
                 checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, storage=args.storage,
                 run_name=args.run_name, threads=args.threads)
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--preset", default="meter-tiny", help="model preset when not starting from --init")
     parser.add_argument("--init", help="exported model to start from (backbone + head weights)")
+    parser.add_argument("--pretrained", help="official METER .ckpt loaded into the preset model")
     parser.add_argument("--trim", choices=("none", "smarttrim"), default="none",
                         help="train the plain backbone or SmartTrim (TrimConfig defaults; see --target, --set)")
     parser.add_argument("--target", type=float, help="keep target of every SmartTrim group")

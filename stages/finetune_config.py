@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from smarttrim.checkpoints import load_meter_checkpoint
 from smarttrim.config import TASK_NUM_LABELS, TrimConfig, model_config
 from smarttrim.data.loader import EpochPlan, LoaderConfig, plan_epoch
 from smarttrim.io import load_model
@@ -22,8 +23,8 @@ DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 """Named DeepSpeed configs (``zero0``, ``zero1``, ``zero2``): JSON files whose batch, accumulation, clipping
 and precision fields are ``"auto"`` and filled from the ``TrainConfig``."""
 
-TRAINING_FIELDS = ("shards", "train_split", "preset", "init", "dropout", "trim", "train", "num_workers",
-                   "deepspeed", "tokenizer")
+TRAINING_FIELDS = ("shards", "train_split", "preset", "init", "pretrained", "dropout", "image_size", "trim", "train",
+                   "num_workers", "deepspeed", "tokenizer")
 """The fields that decide what is trained: a checkpoint resumes only a run with the same values."""
 
 
@@ -40,8 +41,13 @@ class FinetuneConfig:
     init: str | None = None
     """An exported model directory to start from: its backbone and head weights are loaded, trimmers start
     at stable init (the paper's recipe: SmartTrim fine-tunes an already fine-tuned backbone)."""
+    pretrained: str | None = None
+    """An official METER checkpoint (``.ckpt``, pre-training or fine-tuned) loaded into the preset model
+    (``smarttrim.checkpoints.load_meter_checkpoint``); not with ``init``."""
     dropout: float | None = None
     """Override of the model's dropout (None = the preset's, or the init model's)."""
+    image_size: int | None = None
+    """Override of the preset's input resolution (None = the preset's; with ``init``, the init model's)."""
     trim: TrimConfig | None = None
     """SmartTrim's config; None trains the plain backbone."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -70,6 +76,10 @@ class FinetuneConfig:
     run name resumes from the run's latest checkpoint."""
     tokenizer: str | None = None
     """Tokenizer directory; None = the shards' tokenizer."""
+    stop_at: int | None = None
+    """Pause after this step: checkpoint and export there; a later run of the same config with a larger
+    ``stop_at`` (or None: to the end) continues from it. The schedule is the full run's either way (not part
+    of the fingerprint); Tune's ASHA trains trials this way, rung by rung."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
@@ -77,12 +87,16 @@ class FinetuneConfig:
         for name in ("num_workers", "cpus_per_worker", "threads", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError(f"stop_at={self.stop_at!r}: must be >= 1 or None")
         for name in ("loader_workers", "max_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
         if self.checkpoint_every % self.train.log_every:
             raise ValueError(f"checkpoint_every={self.checkpoint_every!r}: must be a multiple of train.log_every="
                              f"{self.train.log_every} (a resumed run's curve then lines up with its checkpoint)")
+        if self.init is not None and self.pretrained is not None:
+            raise ValueError(f"init={self.init!r} and pretrained={self.pretrained!r}: give one starting point")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1) or None")
         if self.trim is not None and not isinstance(self.trim, TrimConfig):
@@ -186,14 +200,21 @@ def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartT
         if mcfg.task != task or mcfg.num_labels != num_labels(manifest):
             raise ValueError(f"{cfg.init}: model is {mcfg.task} with {mcfg.num_labels} labels, the shards are "
                              f"{task} with {num_labels(manifest)}")
+        if cfg.image_size is not None and cfg.image_size != mcfg.image_size:
+            raise ValueError(f"image_size={cfg.image_size}: the init model {cfg.init} was trained at {mcfg.image_size}")
         if cfg.dropout is not None:
             mcfg = replace(mcfg, dropout=cfg.dropout)
         model = SmartTrimModel(mcfg, cfg.trim)
         model.load_backbone_state_dict(source.backbone_state_dict())
         return model
-    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
-    return SmartTrimModel(model_config(cfg.preset, task=task, num_labels=num_labels(manifest), **overrides),
-                          cfg.trim)
+    overrides: dict[str, Any] = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if cfg.image_size is not None:
+        overrides["image_size"] = cfg.image_size
+    model = SmartTrimModel(model_config(cfg.preset, task=task, num_labels=num_labels(manifest), **overrides),
+                           cfg.trim)
+    if cfg.pretrained is not None:
+        load_meter_checkpoint(model, cfg.pretrained)
+    return model
 
 
 def epoch_schedule(cfg: FinetuneConfig, manifest: dict[str, Any], base: LoaderConfig,

@@ -200,8 +200,9 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     keys: list[str] | None = None
     epoch, done_micro = step_position(steps_per_epoch, state.step, tcfg.grad_accum) if state.step < total \
         else (len(steps_per_epoch), 0)
+    end = total if cfg.stop_at is None else min(total, cfg.stop_at)
     engine.train()
-    while state.step < total:
+    while state.step < end:
         micro_per_epoch = steps_per_epoch[epoch] * tcfg.grad_accum
         loader_cfg = replace(base, epoch=epoch, skip_batches=done_micro,
                              batches_per_worker=plans[epoch].batches_per_worker)
@@ -238,20 +239,20 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
             now = time.perf_counter()
             window.seconds += now - tick
             state.train_seconds += now - tick
-            if state.step % tcfg.log_every == 0 or state.step == total:
+            if state.step % tcfg.log_every == 0 or state.step == end:
                 lrs = dict(zip(group_names, scheduler.get_last_lr(), strict=True))
                 gamma = module.trim_config.gamma(state.step / total) if module.trim_config is not None else {}
                 row = window.row(state.step, epoch, lrs, {g: gamma[g] for g in GROUPS if g in gamma})
                 state.history.append(row)
                 if rank == 0:
                     _print_row(row, total, keys)
-            if state.step % cfg.checkpoint_every == 0 and state.step < total:
+            if state.step % cfg.checkpoint_every == 0 and state.step < end:
                 save(final=False)
             tick = time.perf_counter()
-            if state.step == total:
+            if state.step == end:
                 break
         epoch, done_micro = epoch + 1, 0
-    save(final=True)
+    save(final=True)  # with the export (also at a stop_at pause)
     return {"status": "ok", "state": state.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch}
 
 

@@ -1,0 +1,299 @@
+"""Pipeline configuration: YAML files of typed, validated, frozen dataclasses.
+
+Loading is strict: an unknown key anywhere is an error naming its dotted path (``tasks[0].backbone.lrr``),
+a value of the wrong type or out of range is an error naming the field, all before any work starts.
+``key=value`` overrides (dotted paths, values parsed as YAML) apply before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smarttrim.config import TrimConfig
+from smarttrim.training import TrainConfig
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no_stable_init": {"stable_init": False},
+    "no_curriculum": {"curriculum": 0.0},
+    "no_self_distill": {"self_distill": False},
+}
+"""The ablations of the paper's Table 6: each switches one part of SmartTrim's training off."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A task's data: what ``stages.shard`` reads and how it shards it."""
+
+    source: str = "shapes"
+    """``shapes`` (built in) or an official format: vqa_v2, nlvr2, snli_ve, karpathy_flickr30k, karpathy_coco."""
+    task: str = "vqa"
+    root: str | None = None
+    """Data root of an official dataset (unused for ``shapes``)."""
+    shapes_sizes: tuple[int, int, int] | None = None
+    """``shapes``: samples of train / val / test (None = the generator's defaults)."""
+    shard_size: int = 500
+    on_error: str = "fail"
+    tokenizer: str | None = None
+    """A tokenizer directory (e.g. roberta-base's vocab.json + merges.txt); None = train one on the data."""
+
+    def __post_init__(self) -> None:
+        if self.source != "shapes" and self.root is None:
+            raise ValueError(f"data.root: required for source {self.source!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"data.shard_size={self.shard_size!r}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One SmartTrim operating point: keep-ratio targets per trimmer group."""
+
+    name: str
+    """Label, e.g. ``2x`` (the FLOPs reduction the targets aim at)."""
+    token_target_vision: float
+    token_target_text: float
+    head_target: float
+
+    def __post_init__(self) -> None:
+        for f in ("token_target_vision", "token_target_text", "head_target"):
+            if not 0.0 < getattr(self, f) <= 1.0:
+                raise ValueError(f"targets.{self.name}.{f}={getattr(self, f)!r}: must be a keep ratio in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task of the experiment: its data and the recipes of the backbone and of SmartTrim."""
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: TrainConfig = field(default_factory=TrainConfig)
+    """Recipe of the backbone fine-tuning (from ``model.pretrained`` or from scratch)."""
+    smarttrim: TrainConfig = field(default_factory=TrainConfig)
+    """Recipe of SmartTrim's fine-tuning from the fine-tuned backbone (every target and ablation)."""
+    eval_split: str = "val"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "meter-tiny"
+    pretrained: str | None = None
+    """An official METER checkpoint the backbone starts from (None = from scratch)."""
+    dropout: float | None = None
+    image_size: int | None = None
+    """Input resolution (None = the preset's: 288 for meter-base as in the paper, 32 for meter-tiny)."""
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How each fine-tuning runs on the cluster (see ``stages.finetune_config.FinetuneConfig``)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    threads: int = 1
+    deepspeed: str = "zero0"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    batch_size: int = 64
+    rerank_k: int | None = None
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class ProfileSection:
+    instances: int = 100
+    batch_size: int = 32
+    threads: int = 1
+    cpus: int = 1
+    """CPUs the profiling task reserves (all of a node's for undisturbed latency figures)."""
+
+
+@dataclass(frozen=True)
+class AblationSection:
+    target: str | None = None
+    """The target the ablations are trained at (None = no ablations)."""
+    variants: tuple[str, ...] = ("no_stable_init", "no_curriculum", "no_self_distill")
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            if v not in ABLATIONS:
+                raise ValueError(f"ablations.variants: {v!r} is not one of {sorted(ABLATIONS)}")
+
+
+@dataclass(frozen=True)
+class SweepSection:
+    """Ray Tune search over SmartTrim's targets and loss weights (``pipeline.run sweep``)."""
+
+    task: str | None = None
+    """The task swept (None = the first)."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Field -> ``{grid: [...]}``, ``{choice: [...]}`` or ``{uniform: [low, high]}``; fields are
+    token_target_vision, token_target_text, head_target, lambda_cost, lambda_sd."""
+    search: str = "grid"
+    """``grid`` (every combination of the grids, repeated ``num_samples`` times) or ``random``."""
+    num_samples: int = 1
+    asha: bool = False
+    """Stop weak trials early with ASHA on the task metric (trials train in ``rungs`` stages)."""
+    rungs: int = 3
+    max_concurrent: int | None = None
+    """Trials at once (None = as many as the cluster's CPUs/GPUs fit)."""
+
+    def __post_init__(self) -> None:
+        allowed = {"token_target_vision", "token_target_text", "head_target", "lambda_cost", "lambda_sd"}
+        for name, spec in self.space.items():
+            if name not in allowed:
+                raise ValueError(f"sweep.space.{name}: not searchable (one of {sorted(allowed)})")
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("grid", "choice", "uniform"):
+                raise ValueError(f"sweep.space.{name}: expected {{grid|choice|uniform: values}}, got {spec!r}")
+        if self.search not in ("grid", "random"):
+            raise ValueError(f"sweep.search={self.search!r}: must be grid or random")
+        if self.num_samples < 1 or self.rungs < 1:
+            raise ValueError("sweep.num_samples and sweep.rungs must be >= 1")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole experiment: tasks, targets, ablations, compute, measurement, sweep, tracking."""
+
+    name: str
+    tasks: tuple[TaskConfig, ...]
+    targets: tuple[TargetConfig, ...]
+    model: ModelSection = field(default_factory=ModelSection)
+    trim: TrimConfig = field(default_factory=TrimConfig)
+    """SmartTrim's base config; each target sets its keep ratios, each ablation switches one part off."""
+    ablations: AblationSection = field(default_factory=AblationSection)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+    runs_dir: str = "runs"
+    mlflow_experiment: str = "smarttrim"
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: at least one task")
+        if not self.targets:
+            raise ValueError("targets: at least one SmartTrim target")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"targets: duplicate names {names}")
+        if self.ablations.target is not None and self.ablations.target not in names:
+            raise ValueError(f"ablations.target={self.ablations.target!r}: not a target name ({names})")
+        tasks = [t.name for t in self.tasks]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks: duplicate names {tasks}")
+        if self.sweep.task is not None and self.sweep.task not in tasks:
+            raise ValueError(f"sweep.task={self.sweep.task!r}: not a task name ({tasks})")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """``value`` (from YAML) as type ``tp``; errors name ``path``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return build(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        item = args[0]
+        return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if tp in (int, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ValueError(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly (unknown keys and wrong types are errors)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    where = f"{path}." if path else ""
+    if unknown:
+        raise ValueError(f"{where}{unknown[0]}: unknown key (known: {sorted(names)})")
+    values = {k: _convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required field is missing
+        raise ValueError(f"{path or cls.__name__}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}" if path else str(err)) from err
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` items with dotted keys (``tasks.0.backbone.max_steps=10``); values are YAML."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        node: Any = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML file (with ``key=value`` overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    try:
+        return build(PipelineConfig, apply_overrides(data, overrides or []))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+__all__ = ["ABLATIONS", "AblationSection", "ComputeConfig", "DataConfig", "EvaluateSection", "ModelSection",
+           "PipelineConfig", "ProfileSection", "SweepSection", "TargetConfig", "TaskConfig", "apply_overrides",
+           "build", "load_config"]

@@ -1,0 +1,151 @@
+"""The pipeline's command line: raw data -> fine-tuned backbone -> SmartTrim at each target -> ablations ->
+evaluation -> profiling -> report, as a Ray DAG with cached, resumable stages and MLflow tracking.
+
+    python -m pipeline.run all --config pipeline/configs/quickstart.yaml [key=value ...] [--force KIND|ID]
+    ray job submit --working-dir . -- python -m pipeline.run all --config pipeline/configs/quickstart.yaml
+
+Commands: ``shard``, ``finetune`` (backbone and SmartTrim targets), ``ablate``, ``evaluate``, ``profile``
+(each with the stages it depends on), ``all`` (everything, then the report), ``report`` (from finished
+stages only), ``sweep`` (Ray Tune over targets and loss weights, see ``pipeline.sweep``).
+
+Connects to the cluster ``RAY_ADDRESS`` names, else starts a local Ray instance (only when some stage has
+to run). Every stage writes a content-addressed directory under ``runs/<name>/`` and a marker when done: a
+rerun skips finished stages, a killed run resumes (a fine-tuning resumes from its last checkpoint), and
+``--force`` recomputes a stage kind (``finetune``) or one stage id (``finetune/shapes-vqa/smarttrim-2x``).
+Outputs: ``runs/<name>/results.json``, ``report.md``, ``pareto.png`` and the MLflow store ``mlflow.db``
+(``MLFLOW_TRACKING_URI`` overrides; browse with ``mlflow ui --backend-store-uri sqlite:///runs/<name>/mlflow.db``).
+``key=value`` overrides use dotted paths into the YAML (``tasks.0.backbone.max_steps=50``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.dag import PipelineError, execute
+from pipeline.plan import Stage, build_plan
+from pipeline.report import finalize, model_entry, write_report
+
+COMMANDS = ("all", "shard", "finetune", "ablate", "evaluate", "profile", "report", "sweep")
+
+
+def select(stages: list[Stage], command: str) -> list[Stage]:
+    """The stages a command runs: its own kind of stage and everything they depend on, in plan order."""
+    def wanted(s: Stage) -> bool:
+        if command in ("all", "report"):
+            return True
+        if command == "finetune":
+            return s.kind == "finetune" and s.meta.get("kind") != "ablation"
+        if command == "ablate":
+            return s.kind == "finetune" and s.meta.get("kind") == "ablation"
+        return s.kind == command
+
+    by_id = {s.id: s for s in stages}
+    keep: set[str] = set()
+    todo = [s.id for s in stages if wanted(s)]
+    while todo:
+        sid = todo.pop()
+        if sid not in keep:
+            keep.add(sid)
+            todo += list(by_id[sid].deps)
+    return [s for s in stages if s.id in keep]
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS when set, else a local instance
+
+
+def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
+    """Track every model in MLflow (idempotent) and write results.json / report.md / pareto.png."""
+    from pipeline.tracking import Tracker
+
+    missing = [s.id for s in stages if not s.done()]
+    if missing:
+        raise ValueError(f"report: stages not done yet: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         "(run `pipeline.run all`)")
+    markers = {s.id: json.loads(s.marker.read_text()) for s in stages}
+    tracker = Tracker(cfg.run_dir, cfg.mlflow_experiment, cfg.key(), cfg.name, cfg.to_dict())
+    entries, baselines = [], {}
+    for s in stages:
+        if s.kind == "shard":
+            summary = markers[s.id]["metrics"]
+            score = (summary.get("majority_baseline") or {}).get("score", {})
+            task = next(t for t in cfg.tasks if t.name == s.meta["task"])
+            if task.eval_split in score:
+                baselines[s.meta["task"]] = {"metric": score[task.eval_split], "metric_name": None}
+        if s.kind != "finetune":
+            continue
+        name = s.meta["name"]
+        ev = markers[f"evaluate/{s.meta['task']}/{name}"]["metrics"]
+        pr = markers[f"profile/{s.meta['task']}/{name}"]["metrics"]
+        entry = model_entry(s.meta, ev, pr, str(s.out / "model"), None)
+        train = markers[s.id]["metrics"]
+        history = [json.loads(line) for line in (s.out / "history.jsonl").read_text().splitlines()]
+        metrics = {"metric": entry["metric"], entry["metric_name"]: entry["metric"], "gflops": entry["gflops_mean"],
+                   "latency_ms_bs1": entry["latency_ms_bs1"], "throughput": entry["throughput"],
+                   "train_seconds": train["train_seconds"], **{f"keep_{g}": v for g, v in entry["keep"].items()}}
+        params = {"model": s.meta, "finetune": s.config.to_dict()}
+        entry["mlflow_run_id"] = tracker.log_model(
+            s.out.name, entry["name"], params, metrics, history,
+            [s.out / "metrics.json", s.out / "curves.png", Path(markers[f"profile/{s.meta['task']}/{name}"]["out"])
+             / "flops_hist.png", Path(markers[f"evaluate/{s.meta['task']}/{name}"]["out"]) / "metrics.json"])
+        entries.append(entry)
+    for task, base in baselines.items():
+        base["metric_name"] = next(e["metric_name"] for e in entries if e["task"] == task)
+    result = finalize(entries, baselines)
+    for e in result["results"]:
+        if e["kind"] != "baseline" and e["flops_ratio"] is not None:
+            tracker.client.log_metric(e["mlflow_run_id"], "flops_ratio", e["flops_ratio"])
+    result["mlflow"] = {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_id,
+                        "experiment": cfg.mlflow_experiment}
+    result["config"] = cfg.to_dict()
+    write_report(cfg.run_dir, result, f"SmartTrim pipeline: {cfg.name}")
+    tracker.finish({}, [cfg.run_dir / "results.json", cfg.run_dir / "report.md", cfg.run_dir / "pareto.png"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    first, _, rest = (__doc__ or "").partition("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=first, epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--config", required=True, help="pipeline YAML (e.g. pipeline/configs/quickstart.yaml)")
+    parser.add_argument("--force", action="append", default=[], metavar="KIND|ID",
+                        help="recompute a stage kind or one stage id (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    start = time.perf_counter()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "sweep":
+            from pipeline.sweep import run_sweep
+
+            _ensure_ray()
+            run_sweep(cfg)
+            return 0
+        stages = select(build_plan(cfg), args.command)
+        if args.command != "report":
+            if not all(s.done() for s in stages) or args.force:
+                _ensure_ray()
+            execute(stages, profile_cpus=cfg.profile.cpus, force=tuple(args.force))
+        if args.command in ("all", "report"):
+            result = report(cfg, stages)
+            print(f"[pipeline] wrote {cfg.run_dir / 'results.json'}, report.md, pareto.png "
+                  f"({len(result['results'])} entries; MLflow: {result['mlflow']['tracking_uri']})")
+    except (ValueError, FileNotFoundError, PipelineError) as err:
+        print(f"pipeline: error: {err}", file=sys.stderr)
+        return 1
+    print(f"[pipeline] {args.command} finished in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""``python -m pipeline.run`` end to end at tiny settings: the DAG, the report, MLflow, caching, resume after a
+kill, and a small Ray Tune sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# tiny: 320 training questions, a 40-step backbone, SmartTrim at two targets and one ablation, 16 steps each
+TINY = ["tasks.0.data.shapes_sizes=[320, 40, 8]", "tasks.0.data.shard_size=40",
+        "tasks.0.backbone.max_steps=40", "tasks.0.backbone.batch_size=16", "tasks.0.backbone.log_every=8",
+        "tasks.0.smarttrim.max_steps=16", "tasks.0.smarttrim.batch_size=16", "tasks.0.smarttrim.log_every=4",
+        "compute.checkpoint_every=8", "profile.instances=4", "profile.batch_size=4", "profile.cpus=1",
+        "ablations.variants=[no_self_distill]",
+        "targets=[{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4},"
+        " {name: 1.5x, token_target_vision: 0.6, token_target_text: 0.7, head_target: 0.6}]"]
+
+
+def _pipeline(runs: Path, *extra: str, command: str = "all", timeout: float = 900) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pipeline.run", command, "--config", "pipeline/configs/quickstart.yaml",
+            f"runs_dir={runs}", *TINY, *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _mlflow_runs(run_dir: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smarttrim")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path: Path) -> None:
+    done = _pipeline(tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir = tmp_path / "quickstart"
+    report = json.loads((run_dir / "results.json").read_text())
+    entries = {e["name"]: e for e in report["results"]}
+    assert set(entries) == {"shapes-vqa/backbone", "shapes-vqa/smarttrim-2x", "shapes-vqa/smarttrim-1.5x",
+                            "shapes-vqa/no_self_distill-2x", "shapes-vqa/majority"}
+    assert report["majority_baseline"]["shapes-vqa"] == entries["shapes-vqa/majority"]["metric"] > 0
+    fields = {"name", "kind", "task", "metric_name", "metric", "gflops_mean", "flops_ratio", "latency_ms_bs1",
+              "throughput", "keep", "model_dir", "mlflow_run_id"}
+    for name, e in entries.items():
+        assert fields <= set(e), name
+        if e["kind"] == "baseline":
+            continue
+        assert e["metric_name"] == "vqa_score" and 0 <= e["metric"] <= 1 and e["gflops_mean"] > 0
+        assert e["latency_ms_bs1"] > 0 and e["throughput"] > 0 and Path(e["model_dir"], "config.json").is_file()
+    assert entries["shapes-vqa/backbone"]["flops_ratio"] == 1.0 and entries["shapes-vqa/backbone"]["keep"] == {}
+    for name in ("smarttrim-2x", "smarttrim-1.5x", "no_self_distill-2x"):
+        e = entries[f"shapes-vqa/{name}"]
+        assert e["flops_ratio"] < 1.0 and set(e["keep"]) == {"vision_tokens", "text_tokens", "heads"}, name
+    assert entries["shapes-vqa/smarttrim-2x"]["kind"] == "smarttrim"
+    assert entries["shapes-vqa/no_self_distill-2x"]["kind"] == "ablation"
+    md = (run_dir / "report.md").read_text()
+    assert "main results" in md and "ablations at target 2x" in md and "| smarttrim-2x |" in md
+    assert (run_dir / "pareto.png").stat().st_size > 10_000
+
+    runs = _mlflow_runs(run_dir)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(children) == 4 and len(runs) == 5
+    by_id = {r.info.run_id: r for r in runs}
+    for e in entries.values():
+        if e["kind"] != "baseline":
+            child = by_id[e["mlflow_run_id"]]
+            assert child.data.metrics["vqa_score"] == pytest.approx(e["metric"])
+            assert child.data.metrics["gflops"] == pytest.approx(e["gflops_mean"])
+            assert "finetune.train.lr" in child.data.params
+
+    markers = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")}
+    assert len(markers) == 1 + 4 + 4 * 2
+    start = time.monotonic()
+    again = _pipeline(tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert time.monotonic() - start < 60
+    assert again.stdout.count(": cached") == len(markers) and ": running" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")} == markers
+    assert len(_mlflow_runs(run_dir)) == 5, "a cached rerun logs nothing twice"
+    forced = _pipeline(tmp_path, "--force", "profile/shapes-vqa/backbone")
+    assert forced.returncode == 0 and forced.stdout.count(": cached") == len(markers) - 1
+
+
+def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
+    run_dir = tmp_path / "quickstart"
+    args = [sys.executable, "-m", "pipeline.run", "finetune", "--config", "pipeline/configs/quickstart.yaml",
+            f"runs_dir={tmp_path}", *TINY, "tasks.0.smarttrim.max_steps=48"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:  # wait until the backbone is done and a SmartTrim fine-tuning has a registered checkpoint
+        while time.monotonic() < deadline:
+            snapshots = list((run_dir / "finetune").glob("*smarttrim*.ray/*/checkpoint_manager_snapshot.json"))
+            if snapshots and any(json.loads(s.read_text())["checkpoint_results"] for s in snapshots):
+                break
+            assert proc.poll() is None, "the pipeline ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no SmartTrim checkpoint within 10 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")}
+    assert any("backbone" in p.name for p in finished) and not any("smarttrim" in p.name for p in finished)
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items()), "finished stages are not redone"
+    resumed = [json.loads(m.read_text()) for m in run_dir.glob("finetune/*smarttrim*.done.json")]
+    assert len(resumed) == 2 and any(r["metrics"]["resumes"] for r in resumed), "a fine-tuning resumed"
+    assert all(r["metrics"]["steps"] == 48 for r in resumed)
+
+
+def test_sweep_yields_a_pareto_front_and_mlflow_children(tmp_path: Path) -> None:
+    done = _pipeline(tmp_path, "sweep.space={token_target_vision: {grid: [0.2, 0.6]}}", "sweep.asha=true",
+                     "sweep.rungs=2", command="sweep")
+    assert done.returncode == 0, done.stderr[-4000:]
+    (front_file,) = (tmp_path / "quickstart" / "sweep").glob("*/pareto.json")
+    result = json.loads(front_file.read_text())
+    assert len(result["trials"]) == 2 and 1 <= len(result["pareto_front"]) <= 2
+    assert {t["params"]["token_target_vision"] for t in result["trials"]} == {0.2, 0.6}
+    assert all(t["gflops"] > 0 and 0 <= t["metric"] <= 1 for t in result["trials"])
+    cheap = min(result["trials"], key=lambda t: t["gflops"])
+    assert cheap["params"]["token_target_vision"] == 0.2, "a lower vision target costs fewer FLOPs"
+    assert (front_file.parent / "pareto.png").stat().st_size > 5_000
+    runs = _mlflow_runs(tmp_path / "quickstart")
+    parent = next(r for r in runs if r.data.tags.get("smarttrim.pipeline_key", "").startswith("sweep-"))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and all("metric" in c.data.metrics for c in children)
