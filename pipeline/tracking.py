@@ -3,7 +3,8 @@
 The tracking URI defaults to a sqlite file in the run directory (``<run_dir>/mlflow.db``; MLflow's file store
 is deprecated); ``MLFLOW_TRACKING_URI`` (e.g. a team server) overrides it. Runs are found again by tags
 (``smarttrim.pipeline_key`` on the parent, ``smarttrim.model_key`` on children), so a rerun of a cached
-pipeline logs nothing twice. Open the store with ``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db``.
+pipeline logs nothing twice. Artifacts of the default store go to ``<run_dir>/mlflow-artifacts/``. Open the
+store with ``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db``.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class Tracker:
     def __init__(self, run_dir: Path, experiment: str, key: str, name: str, params: dict[str, Any]) -> None:
         import mlflow
 
-        self.mlflow = mlflow
+        server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
         self.uri = tracking_uri(run_dir)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)  # no mlflow.set_tracking_uri: it would export the URI
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # artifacts beside the default sqlite store (MLflow would use ./mlruns of the current directory);
+        # a tracking server given by MLFLOW_TRACKING_URI decides for itself
+        artifacts = None if server else (run_dir.resolve() / "mlflow-artifacts").as_uri()
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifacts)
         found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{key}'", max_results=1)
         if found:
             self.parent_id = found[0].info.run_id

@@ -12,18 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-# tiny: 320 training questions, a 40-step backbone, SmartTrim at two targets and one ablation, 16 steps each
-TINY = ["tasks.0.data.shapes_sizes=[320, 40, 8]", "tasks.0.data.shard_size=40",
-        "tasks.0.backbone.max_steps=40", "tasks.0.backbone.batch_size=16", "tasks.0.backbone.log_every=8",
-        "tasks.0.smarttrim.max_steps=16", "tasks.0.smarttrim.batch_size=16", "tasks.0.smarttrim.log_every=4",
-        "compute.checkpoint_every=8", "profile.instances=4", "profile.batch_size=4", "profile.cpus=1",
-        "ablations.variants=[no_self_distill]",
-        "targets=[{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4},"
-        " {name: 1.5x, token_target_vision: 0.6, token_target_text: 0.7, head_target: 0.6}]"]
+TINY = TINY_PIPELINE
 
 
 def _pipeline(runs: Path, *extra: str, command: str = "all", timeout: float = 900) -> subprocess.CompletedProcess:
@@ -67,6 +61,8 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
     md = (run_dir / "report.md").read_text()
     assert "main results" in md and "ablations at target 2x" in md and "| smarttrim-2x |" in md
     assert (run_dir / "pareto.png").stat().st_size > 10_000
+    assert not (ROOT / "mlruns").exists(), "MLflow artifacts stay in the run directory"
+    assert len(list((run_dir / "mlflow-artifacts").rglob("curves.png"))) == 4
 
     runs = _mlflow_runs(run_dir)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
