@@ -20,6 +20,7 @@ import yaml
 
 from smarttrim.config import TrimConfig
 from smarttrim.training import TrainConfig
+from stages.common import apply_overrides
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_stable_init": {"stable_init": False},
@@ -257,26 +258,6 @@ def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
         raise ValueError(f"{path}: {err}" if path else str(err)) from err
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``key=value`` items with dotted keys (``tasks.0.backbone.max_steps=10``); values are YAML."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value")
-        node: Any = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            if not isinstance(node, dict | list):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(leaf)] = value
-        else:
-            node[leaf] = value
-    return data
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read and validate a pipeline YAML file (with ``key=value`` overrides)."""
     path = Path(path)
@@ -289,11 +270,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     try:
-        return build(PipelineConfig, apply_overrides(data, overrides or []))
+        return build(PipelineConfig, apply_overrides(data, overrides or [], strict=False))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
 
 
 __all__ = ["ABLATIONS", "AblationSection", "ComputeConfig", "DataConfig", "EvaluateSection", "ModelSection",
-           "PipelineConfig", "ProfileSection", "SweepSection", "TargetConfig", "TaskConfig", "apply_overrides",
-           "build", "load_config"]
+           "PipelineConfig", "ProfileSection", "SweepSection", "TargetConfig", "TaskConfig", "build",
+           "load_config"]

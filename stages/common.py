@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from smarttrim.atomic import replace_dir, temp_dir_beside
 
@@ -78,3 +79,32 @@ def add_model_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")
+
+
+def apply_overrides(data: dict[str, Any], items: list[str], strict: bool = True) -> dict[str, Any]:
+    """Apply ``key=value`` items to a nested config dict: dotted keys (``train.lr=1e-4``; list items by index,
+    ``tasks.0.name=x``), values parsed as YAML (numbers, booleans, lists, mappings; else strings).
+
+    strict: every key must already exist (an unknown one is an error naming the known ones); otherwise new
+    keys are added and the config's own loader decides (the pipeline's names the dotted path)."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        node: Any = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if isinstance(node, list):
+                node = node[int(part)]
+            elif isinstance(node.get(part), dict | list) or (not strict and part not in node):
+                node = node.setdefault(part, {})
+            else:
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        if strict and isinstance(node, dict) and leaf not in node:
+            raise ValueError(f"override {item!r}: unknown field {leaf!r} (known: {sorted(node)})")
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    return data

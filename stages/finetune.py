@@ -20,7 +20,7 @@ A NaN/inf loss stops the run with an error naming the step; the last good checkp
 Writes ``--out`` atomically: ``model/`` (weights + config + tokenizer, loadable with
 ``smarttrim.load_model`` without Ray or DeepSpeed), ``metrics.json``, ``history.jsonl`` (the curves) and
 ``curves.png``. A rerun with the same configuration is a no-op. ``--set key=value`` overrides any field of
-the configuration (dotted for ``train.*`` and ``trim.*``; values are JSON, else strings).
+the configuration (dotted for ``train.*`` and ``trim.*``; values are YAML: numbers, booleans, lists).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from smarttrim.config import TASK_NUM_LABELS, TrimConfig
 from smarttrim.data.loader import read_manifest
 from smarttrim.io import read_config
 from smarttrim.training import TrainConfig
-from stages.common import StageOutputs, stage_parser, write_outputs
+from stages.common import StageOutputs, apply_overrides, stage_parser, write_outputs
 from stages.finetune_config import FinetuneConfig, deepspeed_config
 from stages.train_loop import EXPORT_DIR, train_loop
 
@@ -158,28 +158,6 @@ def run(cfg: FinetuneConfig) -> StageOutputs:
     return StageOutputs(out, metrics)
 
 
-def apply_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` items (dotted keys into nested dicts; values parsed as JSON, else strings)."""
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = data
-        *parents, leaf = key.split(".")
-        for name in parents:
-            if not isinstance(node.get(name), dict):
-                raise ValueError(f"--set {item!r}: {name!r} is not a section (train, trim)")
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"--set {item!r}: unknown field {leaf!r} (known: {sorted(node)})")
-        node[leaf] = value
-    return data
-
-
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     train = {"seed": args.seed}
     for name in ("epochs", "max_steps", "batch_size", "lr", "grad_accum", "precision"):
@@ -242,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["FinetuneConfig", "FinetuneError", "TrainConfig", "apply_overrides", "main", "run"]
+__all__ = ["FinetuneConfig", "FinetuneError", "TrainConfig", "config_from_args", "main", "run"]
 
 
 if __name__ == "__main__":

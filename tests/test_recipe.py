@@ -12,7 +12,7 @@ from conftest import tiny
 import smarttrim
 from smarttrim.data.loader import LoaderConfig
 from smarttrim.training import TrainConfig, lr_lambda, param_groups
-from stages.finetune import apply_overrides
+from stages.common import apply_overrides
 from stages.finetune_config import FinetuneConfig, deepspeed_config, epoch_schedule
 from stages.train_loop import step_position
 
