@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -179,7 +180,7 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
             state = saved
             state.resumes.append({"step": saved.step, "checkpoint": checkpoint.path, "time": time.time()})
         if rank == 0:
-            print(f"[finetune] resumed from step {state.step}/{total} ({checkpoint.path})", flush=True)
+            _say(f"[finetune] resumed from step {state.step}/{total} ({checkpoint.path})")
 
     def save(final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="smarttrim-ckpt-") as tmp:
@@ -256,11 +257,18 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "state": state.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch}
 
 
+def _say(line: str) -> None:
+    """One progress line on stdout (Ray forwards it to the driver). Not ``print``: Ray Train patches it in
+    workers to go through its logger, and the driver then shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _print_row(row: dict[str, float], total: int, keys: list[str]) -> None:
     parts = " ".join(f"{k}={row[k]:.4f}" for k in keys if not k.startswith("keep/"))
     keep = " ".join(f"{k[5:]}={row[k]:.2f}" for k in keys if k.startswith("keep/"))
-    print(f"[finetune] step {int(row['step'])}/{total} epoch {int(row['epoch'])} {parts}"
-          f"{' keep ' + keep if keep else ''} {row['samples_per_s']:.1f} samples/s", flush=True)
+    _say(f"[finetune] step {int(row['step'])}/{total} epoch {int(row['epoch'])} {parts}"
+         f"{' keep ' + keep if keep else ''} {row['samples_per_s']:.1f} samples/s")
 
 
 __all__ = ["CHECKPOINT_TAG", "EXPORT_DIR", "STATE_FILE", "TrainerState", "export_state", "step_position",
