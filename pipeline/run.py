@@ -72,38 +72,34 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
         raise ValueError(f"report: stages not done yet: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          "(run `pipeline.run all`)")
     markers = {s.id: json.loads(s.marker.read_text()) for s in stages}
-    tracker = Tracker(cfg.run_dir, cfg.mlflow_experiment, cfg.key(), cfg.name, cfg.to_dict())
-    entries, baselines = [], {}
+    models: list[tuple[Stage, dict[str, Any]]] = []
+    baselines: dict[str, dict[str, Any]] = {}
     for s in stages:
         if s.kind == "shard":
-            summary = markers[s.id]["metrics"]
-            score = (summary.get("majority_baseline") or {}).get("score", {})
+            score = (markers[s.id]["metrics"].get("majority_baseline") or {}).get("score", {})
             task = next(t for t in cfg.tasks if t.name == s.meta["task"])
             if task.eval_split in score:
                 baselines[s.meta["task"]] = {"metric": score[task.eval_split], "metric_name": None}
-        if s.kind != "finetune":
-            continue
-        name = s.meta["name"]
-        ev = markers[f"evaluate/{s.meta['task']}/{name}"]["metrics"]
-        pr = markers[f"profile/{s.meta['task']}/{name}"]["metrics"]
-        entry = model_entry(s.meta, ev, pr, str(s.out / "model"), None)
-        train = markers[s.id]["metrics"]
+        elif s.kind == "finetune":
+            ev = markers[f"evaluate/{s.meta['task']}/{s.meta['name']}"]["metrics"]
+            pr = markers[f"profile/{s.meta['task']}/{s.meta['name']}"]["metrics"]
+            models.append((s, model_entry(s.meta, ev, pr, str(s.out / "model"), None)))
+    for task, base in baselines.items():
+        base["metric_name"] = next(e["metric_name"] for _, e in models if e["task"] == task)
+    result = finalize([e for _, e in models], baselines)  # fills flops_ratio in the entries
+
+    tracker = Tracker(cfg.run_dir, cfg.mlflow_experiment, cfg.key(), cfg.name, cfg.to_dict())
+    for s, entry in models:
+        ev_out = Path(markers[f"evaluate/{s.meta['task']}/{s.meta['name']}"]["out"])
+        pr_out = Path(markers[f"profile/{s.meta['task']}/{s.meta['name']}"]["out"])
         history = [json.loads(line) for line in (s.out / "history.jsonl").read_text().splitlines()]
         metrics = {"metric": entry["metric"], entry["metric_name"]: entry["metric"], "gflops": entry["gflops_mean"],
-                   "latency_ms_bs1": entry["latency_ms_bs1"], "throughput": entry["throughput"],
-                   "train_seconds": train["train_seconds"], **{f"keep_{g}": v for g, v in entry["keep"].items()}}
-        params = {"model": s.meta, "finetune": s.config.to_dict()}
+                   "flops_ratio": entry["flops_ratio"], "latency_ms_bs1": entry["latency_ms_bs1"],
+                   "throughput": entry["throughput"], "train_seconds": markers[s.id]["metrics"]["train_seconds"],
+                   **{f"keep_{g}": v for g, v in entry["keep"].items()}}
         entry["mlflow_run_id"] = tracker.log_model(
-            s.out.name, entry["name"], params, metrics, history,
-            [s.out / "metrics.json", s.out / "curves.png", Path(markers[f"profile/{s.meta['task']}/{name}"]["out"])
-             / "flops_hist.png", Path(markers[f"evaluate/{s.meta['task']}/{name}"]["out"]) / "metrics.json"])
-        entries.append(entry)
-    for task, base in baselines.items():
-        base["metric_name"] = next(e["metric_name"] for e in entries if e["task"] == task)
-    result = finalize(entries, baselines)
-    for e in result["results"]:
-        if e["kind"] != "baseline" and e["flops_ratio"] is not None:
-            tracker.client.log_metric(e["mlflow_run_id"], "flops_ratio", e["flops_ratio"])
+            s.out.name, entry["name"], {"model": s.meta, "finetune": s.config.to_dict()}, metrics, history,
+            [s.out / "metrics.json", s.out / "curves.png", pr_out / "flops_hist.png", ev_out / "metrics.json"])
     result["mlflow"] = {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_id,
                         "experiment": cfg.mlflow_experiment}
     result["config"] = cfg.to_dict()

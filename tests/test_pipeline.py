@@ -73,6 +73,7 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
             child = by_id[e["mlflow_run_id"]]
             assert child.data.metrics["vqa_score"] == pytest.approx(e["metric"])
             assert child.data.metrics["gflops"] == pytest.approx(e["gflops_mean"])
+            assert child.data.metrics["flops_ratio"] == pytest.approx(e["flops_ratio"])
             assert "finetune.train.lr" in child.data.params
 
     markers = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")}
@@ -83,7 +84,13 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
     assert time.monotonic() - start < 60
     assert again.stdout.count(": cached") == len(markers) and ": running" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")} == markers
-    assert len(_mlflow_runs(run_dir)) == 5, "a cached rerun logs nothing twice"
+    rerun = _mlflow_runs(run_dir)
+    assert len(rerun) == 5, "a cached rerun logs nothing twice"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    child = entries["shapes-vqa/smarttrim-2x"]["mlflow_run_id"]
+    assert len(client.get_metric_history(child, "flops_ratio")) == 1
     forced = _pipeline(tmp_path, "--force", "profile/shapes-vqa/backbone")
     assert forced.returncode == 0 and forced.stdout.count(": cached") == len(markers) - 1
 
