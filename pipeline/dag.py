@@ -11,6 +11,7 @@ done / failed) with its elapsed time; training progress (loss, keep ratios) come
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -150,8 +151,6 @@ def _root_cause(err: BaseException) -> str:
 
 def _clear(stage: Stage) -> None:
     """Forget a stage's result (``--force``): its marker, its output and, for training, its checkpoints."""
-    import shutil
-
     stage.marker.unlink(missing_ok=True)
     shutil.rmtree(stage.out, ignore_errors=True)
     if stage.kind == "finetune":

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import execute
-from pipeline.plan import build_plan, finetune_config
+from pipeline.plan import build_plan, finetune_config, smarttrim_trim
 from smarttrim.atomic import atomic_write
 
 TRIM_FIELDS = ("token_target_vision", "token_target_text", "head_target", "lambda_cost", "lambda_sd")
@@ -96,8 +96,6 @@ def run_sweep(cfg: PipelineConfig) -> dict[str, Any]:
     execute(stages)
     shard, backbone = stages
     target = cfg.targets[0]
-    from pipeline.plan import smarttrim_trim
-
     base_ft = finetune_config(cfg, task, shard.config.out, smarttrim_trim(cfg.trim, target),
                               str(backbone.out / "model"))
     key = hashlib.sha256(json.dumps({"sweep": dataclasses.asdict(cfg.sweep), "ft": base_ft.to_dict()},

@@ -51,6 +51,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A model batch with its tensors on ``device`` (keys and other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def write_outputs(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
     """Write ``files`` (name -> writer of that path) into a temp dir, then swap it to ``out`` atomically."""
     tmp = temp_dir_beside(out)

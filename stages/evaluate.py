@@ -51,6 +51,7 @@ from stages.common import (
     add_model_data_args,
     resolve_device,
     stage_parser,
+    to_device,
     write_outputs,
 )
 
@@ -110,10 +111,6 @@ def _check_task(cfg: EvaluateConfig, task: str) -> None:
         raise ValueError(f"rerank_k={cfg.rerank_k!r}: applies to retrieval only, the shards' task is {task!r}")
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 def _mean_keep(keep: dict[str, Tensor]) -> dict[str, float]:
     return {g: float(v.float().mean()) for g, v in sorted(keep.items())}
 
@@ -132,7 +129,7 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
     for batch in loader:
         if "labels" not in batch:
             raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no labels to evaluate against")
-        out = model(_to(batch, device))
+        out = model(to_device(batch, device))
         pred = out.logits.argmax(-1).cpu()
         truth = batch["labels"]
         scores = truth.gather(1, pred[:, None])[:, 0] if task == "vqa" else (pred == truth).float()
@@ -241,7 +238,7 @@ def score_pairs(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tenso
     scores, keep = [], {}
     for start in range(0, len(pairs), batch_size):
         image, text = pairs[start:start + batch_size].T
-        out = model(_to({"pixel_values": gallery.images[image], **_texts(tokens, text)}, device))
+        out = model(to_device({"pixel_values": gallery.images[image], **_texts(tokens, text)}, device))
         scores.append(itm_score(out.logits).double().cpu())
         for g, v in out.keep_groups.items():
             keep.setdefault(g, []).append(v.cpu())
@@ -253,7 +250,7 @@ def unimodal_similarity(model: SmartTrimModel, gallery: Gallery, tokens: dict[st
     """(I, T) cosine similarity of the uni-modal image and caption features (``SmartTrimModel.*_features``)."""
     image = torch.cat([model.image_features(gallery.images[c].to(device))
                        for c in _chunks(len(gallery.keys), batch_size)])
-    text = torch.cat([model.text_features(**_to(_texts(tokens, c), device))
+    text = torch.cat([model.text_features(**to_device(_texts(tokens, c), device))
                       for c in _chunks(len(gallery.texts), batch_size)])
     return (F.normalize(image.double(), dim=-1) @ F.normalize(text.double(), dim=-1).T).cpu()
 

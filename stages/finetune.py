@@ -119,7 +119,7 @@ def run(cfg: FinetuneConfig) -> StageOutputs:
     previous = json.loads(done.read_text()) if done.is_file() else {}
     if previous.get("fingerprint") == fingerprint and previous.get("stop_at") == cfg.stop_at:
         print(f"[finetune] {out}: already trained with this configuration, skipping", flush=True)
-        return StageOutputs(out, json.loads(done.read_text()))
+        return StageOutputs(out, previous)
     manifest = _check_inputs(cfg)
     from ray.train import TrainingFailedError
 

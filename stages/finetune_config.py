@@ -101,7 +101,6 @@ class FinetuneConfig:
             raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1) or None")
         if self.trim is not None and not isinstance(self.trim, TrimConfig):
             raise ValueError(f"trim={self.trim!r}: must be a TrimConfig or None")
-        load_deepspeed_json(self.deepspeed)  # exists and parses
         stage = deepspeed_config(self)["zero_optimization"]["stage"]
         if self.train.precision == "bf16" and stage < 1:
             raise ValueError(f"deepspeed={self.deepspeed!r}: bf16 needs ZeRO stage >= 1 (fp32 master weights "

@@ -34,6 +34,7 @@ from stages.common import (
     add_model_data_args,
     resolve_device,
     stage_parser,
+    to_device,
     write_outputs,
 )
 
@@ -88,10 +89,6 @@ def _timed(fn: Any, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> None:
     import matplotlib
 
@@ -125,11 +122,11 @@ def run(cfg: ProfileConfig) -> StageOutputs:
     model.to(device)
     with torch.inference_mode():
         for one in singles[: cfg.warmup]:
-            model(_to(one, device))
-        latency = [_timed(lambda one=one: model(_to(one, device)), device) for one in singles]
+            model(to_device(one, device))
+        latency = [_timed(lambda one=one: model(to_device(one, device)), device) for one in singles]
         for batch in batches[:1] * cfg.warmup:
-            model(_to(batch, device))
-        batched = [(len(b["keys"]), _timed(lambda b=b: model(_to(b, device)), device)) for b in batches]
+            model(to_device(batch, device))
+        batched = [(len(b["keys"]), _timed(lambda b=b: model(to_device(b, device)), device)) for b in batches]
     n_batched = sum(n for n, _ in batched)
     metrics = {
         "model": str(cfg.model), "shards": str(cfg.shards), "split": cfg.split, "instances": len(singles),

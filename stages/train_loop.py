@@ -35,6 +35,7 @@ from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shar
 from smarttrim.io import save_pretrained
 from smarttrim.model import GROUPS, SmartTrimModel
 from smarttrim.training import lr_lambda, param_groups
+from stages.common import to_device
 from stages.finetune_config import FinetuneConfig, build_initial_model, deepspeed_config, epoch_schedule
 
 CHECKPOINT_TAG = "deepspeed"
@@ -90,7 +91,7 @@ def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Tensors to ``device``; images to the engine's dtype (bf16 weights need bf16 inputs)."""
-    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = to_device(batch, device)
     out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
 
