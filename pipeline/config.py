@@ -28,6 +28,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_self_distill": {"self_distill": False},
 }
 """The ablations of the paper's Table 6: each switches one part of SmartTrim's training off."""
+BASELINES: dict[str, dict[str, Any]] = {
+    "local": {"token_trimmer": "local"},
+    "random": {"token_trimmer": "random"},
+}
+"""Token-pruning baselines of the paper's Fig. 4a, trained like SmartTrim at a target's keep ratios: ``local``
+scores tokens from their own representation only (no cross-modal global term), ``random`` keeps tokens at
+random."""
+SMARTTRIM_STARTS: tuple[str, ...] = ("pretrained", "backbone")
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,11 @@ class DataConfig:
     shard_size: int = 500
     on_error: str = "fail"
     tokenizer: str | None = None
-    """A tokenizer directory (e.g. roberta-base's vocab.json + merges.txt); None = train one on the data."""
+    """A tokenizer directory (e.g. roberta-base's vocab.json + merges.txt); None = the pre-trained model's
+    (``model.pretrained``: a model directory of ours carries its tokenizer), else, for ``shapes``, the built-in
+    shapes tokenizer."""
+    shapes_image_size: int | None = None
+    """``shapes``: side of the rendered images; None = the model's input size (no resizing)."""
 
     def __post_init__(self) -> None:
         if self.source != "shapes" and self.root is None:
@@ -76,9 +88,9 @@ class TaskConfig:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
     backbone: TrainConfig = field(default_factory=TrainConfig)
-    """Recipe of the backbone fine-tuning (from ``model.pretrained`` or from scratch)."""
+    """Recipe of the backbone fine-tuning (from the pre-trained model, or from scratch without one)."""
     smarttrim: TrainConfig = field(default_factory=TrainConfig)
-    """Recipe of SmartTrim's fine-tuning from the fine-tuned backbone (every target and ablation)."""
+    """Recipe of SmartTrim's fine-tuning (every target, ablation and baseline), from ``smarttrim_start``."""
     eval_split: str = "val"
 
 
@@ -86,7 +98,9 @@ class TaskConfig:
 class ModelSection:
     preset: str = "meter-tiny"
     pretrained: str | None = None
-    """An official METER checkpoint the backbone starts from (None = from scratch)."""
+    """The pre-trained model the backbone and SmartTrim start from: a model directory of ours (a pre-training
+    export, e.g. the shipped ``pretrained/meter-small-shapes``) or an official METER ``.ckpt``. None: this
+    config's own ``pretrain`` stage when it has one, else from scratch."""
     dropout: float | None = None
     image_size: int | None = None
     """Input resolution (None = the preset's: 288 for meter-base as in the paper, 32 for meter-tiny)."""
@@ -135,6 +149,43 @@ class AblationSection:
 
 
 @dataclass(frozen=True)
+class BaselineSection:
+    target: str | None = None
+    """The target whose keep ratios the baselines are trained at (None = no baselines)."""
+    variants: tuple[str, ...] = ("local",)
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            if v not in BASELINES:
+                raise ValueError(f"baselines.variants: {v!r} is not one of {sorted(BASELINES)}")
+
+
+@dataclass(frozen=True)
+class PretrainSection:
+    """METER's pre-training (MLM + ITM with hard negatives) of the backbone on image-caption data
+    (``stages.pretrain``): ``pipeline.run pretrain`` runs it; ``all`` runs it first when ``model.pretrained`` is
+    not set."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="shapes", task="caption"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_split: str = "val"
+    num_workers: int | None = None
+    """Ray Train workers of the pre-training (None = ``compute.num_workers``)."""
+    checkpoint_every: int | None = None
+    """Steps between its checkpoints and validations (None = ``compute.checkpoint_every``)."""
+    val_samples: int = 512
+    """Validation pairs of its periodic ITM / MLM accuracy."""
+    publish: str | None = None
+    """``pipeline.run pretrain`` copies the export here with ``PRETRAINING.json`` (the config, the command, the
+    sha256 of the weights, the measured ITM / MLM accuracy): how the repository's shipped checkpoint is made."""
+
+    def __post_init__(self) -> None:
+        if self.data.task not in ("caption", "retrieval"):
+            raise ValueError(f"pretrain.data.task={self.data.task!r}: pre-training reads image-caption data "
+                             "(caption or retrieval)")
+
+
+@dataclass(frozen=True)
 class SweepSection:
     """Ray Tune search over SmartTrim's targets and loss weights (``pipeline.run sweep``)."""
 
@@ -175,7 +226,13 @@ class PipelineConfig:
     model: ModelSection = field(default_factory=ModelSection)
     trim: TrimConfig = field(default_factory=TrimConfig)
     """SmartTrim's base config; each target sets its keep ratios, each ablation switches one part off."""
+    smarttrim_start: str = "pretrained"
+    """Where SmartTrim's fine-tuning starts: ``pretrained`` (the paper's recipe: from the pre-trained model, like
+    the backbone; self-distillation trains the full-capacity path on the task at the same time) or
+    ``backbone`` (from the fine-tuned backbone)."""
     ablations: AblationSection = field(default_factory=AblationSection)
+    baselines: BaselineSection = field(default_factory=BaselineSection)
+    pretrain: PretrainSection | None = None
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
@@ -191,8 +248,12 @@ class PipelineConfig:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"targets: duplicate names {names}")
-        if self.ablations.target is not None and self.ablations.target not in names:
-            raise ValueError(f"ablations.target={self.ablations.target!r}: not a target name ({names})")
+        for section in ("ablations", "baselines"):
+            target = getattr(self, section).target
+            if target is not None and target not in names:
+                raise ValueError(f"{section}.target={target!r}: not a target name ({names})")
+        if self.smarttrim_start not in SMARTTRIM_STARTS:
+            raise ValueError(f"smarttrim_start={self.smarttrim_start!r}: must be one of {SMARTTRIM_STARTS}")
         tasks = [t.name for t in self.tasks]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks: duplicate names {tasks}")
@@ -275,6 +336,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ValueError(f"{path}: {err}") from err
 
 
-__all__ = ["ABLATIONS", "AblationSection", "ComputeConfig", "DataConfig", "EvaluateSection", "ModelSection",
-           "PipelineConfig", "ProfileSection", "SweepSection", "TargetConfig", "TaskConfig", "build",
-           "load_config"]
+__all__ = ["ABLATIONS", "BASELINES", "SMARTTRIM_STARTS", "AblationSection", "BaselineSection", "ComputeConfig",
+           "DataConfig", "EvaluateSection", "ModelSection", "PipelineConfig", "PretrainSection", "ProfileSection",
+           "SweepSection", "TargetConfig", "TaskConfig", "build", "load_config"]

@@ -23,12 +23,13 @@ from smarttrim.atomic import atomic_write
 
 def run_stage(stage: Stage) -> dict[str, Any]:
     """Run one stage in this process and write its marker; returns the marker's content."""
-    from stages import evaluate, finetune, profile, shard
+    from stages import evaluate, finetune, pretrain, profile, shard
 
     start = time.perf_counter()
     print(f"[pipeline] {stage.id}: running", flush=True)
-    runner: dict[str, Callable[[Any], Any]] = {"shard": shard.run, "finetune": finetune.run,
-                                               "evaluate": evaluate.run, "profile": profile.run}
+    runner: dict[str, Callable[[Any], Any]] = {
+        "shard": shard.run, "finetune": finetune.run, "evaluate": evaluate.run, "profile": profile.run,
+        "pretrain": lambda c: pretrain.run(c, c.val_split or "val")}
     result = runner[stage.kind](stage.config)
     metrics = result.manifest if stage.kind == "shard" else result.metrics
     marker = {"id": stage.id, "out": str(stage.out), "seconds": time.perf_counter() - start,
@@ -41,24 +42,29 @@ def _summary(kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """What the report needs from a stage's metrics (the full files stay in its output directory)."""
     if kind == "shard":
         return {"task": metrics["task"], "majority_baseline": metrics.get("majority_baseline"),
+                "text_only_baseline": metrics.get("text_only_baseline"),
                 "samples": {s: v["samples"] for s, v in metrics["splits"].items()}}
-    if kind == "finetune":
-        return {k: metrics[k] for k in ("steps", "samples", "train_seconds", "samples_per_s", "final", "resumes")}
+    if kind in ("finetune", "pretrain"):
+        keys = ("steps", "samples", "train_seconds", "samples_per_s", "final", "resumes", "evaluation")
+        return {k: metrics[k] for k in keys if k in metrics}
     if kind == "evaluate":
         return {k: v for k, v in metrics.items() if k not in ("config",)}
-    return {k: v for k, v in metrics.items() if k in ("flops", "latency_ms_bs1", "throughput", "device",
-                                                      "threads", "instances")}
+    return {k: v for k, v in metrics.items() if k in ("flops", "latency_ms_bs1", "throughput", "device", "threads",
+                                                      "instances", "speedup", "backbone_latency_ms_bs1",
+                                                      "backbone_throughput")}
 
 
+TRAINING_KINDS = ("finetune", "pretrain")
+"""Stages that start a Ray Train run (their task reserves no CPU, their workers do)."""
 WAIT_FOR_RESOURCES_S = "86400"
 """Ray Train's worker-group start timeout inside the pipeline: a fine-tuning queued behind others waits for
 its CPUs/GPUs instead of failing after Ray's default 60 s."""
 
 
 def _remote_options(stage: Stage, profile_cpus: int) -> dict[str, Any]:
-    cpus = {"shard": 1, "finetune": 0, "evaluate": 1, "profile": profile_cpus}[stage.kind]
+    cpus = {"shard": 1, "finetune": 0, "pretrain": 0, "evaluate": 1, "profile": profile_cpus}[stage.kind]
     options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 0, "name": stage.id}
-    if stage.kind == "finetune":  # inherited by the Ray Train controller the task starts
+    if stage.kind in TRAINING_KINDS:  # inherited by the Ray Train controller the task starts
         options["runtime_env"] = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WAIT_FOR_RESOURCES_S}}
     return options
 
@@ -104,17 +110,17 @@ def execute(stages: list[Stage], profile_cpus: int = 1, force: tuple[str, ...] =
     failed: dict[str, str] = {}
 
     def submit_ready() -> None:
-        running = sum(1 for s in pending.values() if s.kind == "finetune")
+        running = sum(1 for s in pending.values() if s.kind in TRAINING_KINDS)
         for stage in list(queue):
             if any(d not in refs and d not in markers for d in stage.deps):
                 continue  # an input is still queued
-            if stage.kind == "finetune" and running >= finetune_slots(stage):
+            if stage.kind in TRAINING_KINDS and running >= finetune_slots(stage):
                 continue
             deps = [refs[d] for d in stage.deps if d in refs]
             ref = remote.options(**_remote_options(stage, profile_cpus)).remote(stage, *deps)
             refs[stage.id], pending[ref] = ref, stage
             started[stage.id] = time.perf_counter()
-            running += stage.kind == "finetune"
+            running += stage.kind in TRAINING_KINDS
             queue.remove(stage)
 
     submit_ready()
@@ -153,7 +159,7 @@ def _clear(stage: Stage) -> None:
     """Forget a stage's result (``--force``): its marker, its output and, for training, its checkpoints."""
     stage.marker.unlink(missing_ok=True)
     shutil.rmtree(stage.out, ignore_errors=True)
-    if stage.kind == "finetune":
+    if stage.kind in TRAINING_KINDS:
         shutil.rmtree(stage.config.storage_path, ignore_errors=True)
 
 

@@ -2,8 +2,15 @@
 
 Every stage's output directory is named by a content hash of its kind and configuration, and the
 configuration holds its inputs' output directories (themselves content-addressed), so a key changes when
-anything upstream changes. A stage is done when its marker ``<out>.done.json`` exists (written last, after
-the stage's own atomic write).
+anything upstream changes; a pre-trained model given by path enters the key by its weights file's name, size
+and modification time. A stage is done when its marker ``<out>.done.json`` exists (written last, after the
+stage's own atomic write).
+
+The graph, per task: shard -> fine-tune the backbone from the pre-trained model -> fine-tune SmartTrim at each
+target, each ablation and each baseline (from the pre-trained model, the paper's recipe, or from the fine-tuned
+backbone: ``smarttrim_start``) -> evaluate and profile each model. With a ``pretrain`` section and no
+``model.pretrained``, the graph starts with sharding the caption data and pre-training, and every fine-tuning
+starts from that export.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ABLATIONS, PipelineConfig, TargetConfig, TaskConfig
+from pipeline.config import ABLATIONS, BASELINES, DataConfig, PipelineConfig, TargetConfig, TaskConfig
+from smarttrim.config import PRESETS, ModelConfig
+from smarttrim.data import shapes
 from stages.evaluate import EvaluateConfig
 from stages.finetune_config import FinetuneConfig
 from stages.profile import ProfileConfig
 from stages.shard import ShardConfig
 
-KINDS = ("shard", "finetune", "evaluate", "profile")
+KINDS = ("shard", "pretrain", "finetune", "evaluate", "profile")
+PRETRAIN_ID = "pretrain/model"
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class Stage:
     """The stage's config dataclass (``ShardConfig``, ``FinetuneConfig``, ``EvaluateConfig``, ``ProfileConfig``)."""
     deps: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
-    """For the report: task, model name and kind (backbone | smarttrim | ablation), target."""
+    """For the report: task, model name and kind (backbone | smarttrim | ablation | baseline), target, start."""
 
     @property
     def out(self) -> Path:
@@ -54,67 +64,145 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def stage_key(kind: str, cfg: Any) -> str:
-    """Content hash of a stage: its kind and its whole config except the output path."""
+def stage_key(kind: str, cfg: Any, extra: dict[str, Any] | None = None) -> str:
+    """Content hash of a stage: its kind, its whole config except the output path, and ``extra`` (facts about
+    its inputs that the config does not show, e.g. the identity of a pre-trained model's weights)."""
     data = {k: v for k, v in _config_dict(cfg).items() if k != "out"}
-    return hashlib.sha256(json.dumps({"kind": kind, "config": data}, sort_keys=True).encode()).hexdigest()[:12]
+    blob = {"kind": kind, "config": data, **({"inputs": extra} if extra else {})}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _placed(kind: str, label: str, cfg: Any, root: Path) -> Any:
+def _placed(kind: str, label: str, cfg: Any, root: Path, extra: dict[str, Any] | None = None) -> Any:
     """``cfg`` with its ``out`` set to ``<root>/<kind>/<label>-<key>``."""
-    return dataclasses.replace(cfg, out=str(root / kind / f"{label}-{stage_key(kind, cfg)}"))
+    return dataclasses.replace(cfg, out=str(root / kind / f"{label}-{stage_key(kind, cfg, extra)}"))
 
 
-def smarttrim_trim(base: Any, target: TargetConfig, ablation: str | None = None) -> Any:
+def smarttrim_trim(base: Any, target: TargetConfig, ablation: str | None = None, baseline: str | None = None) -> Any:
     trim = dataclasses.replace(base, token_target_vision=target.token_target_vision,
                                token_target_text=target.token_target_text, head_target=target.head_target)
-    return dataclasses.replace(trim, **ABLATIONS[ablation]) if ablation else trim
+    if ablation:
+        trim = dataclasses.replace(trim, **ABLATIONS[ablation])
+    if baseline:
+        trim = dataclasses.replace(trim, **BASELINES[baseline])
+    return trim
 
 
-def finetune_config(cfg: PipelineConfig, task: TaskConfig, shards: str, trim: Any, init: str | None) -> FinetuneConfig:
+def model_image_size(cfg: PipelineConfig) -> int:
+    """The models' input resolution: ``model.image_size``, else the preset's."""
+    if cfg.model.image_size is not None:
+        return cfg.model.image_size
+    preset = PRESETS.get(cfg.model.preset, {})
+    return int(preset.get("image_size", ModelConfig.image_size))
+
+
+def pretrained_identity(path: str | None) -> dict[str, Any] | None:
+    """What changes when a pre-trained model given by path changes: its weights file's name, size and mtime
+    (a checkpoint that does not exist yet, e.g. this graph's own pre-training, adds nothing)."""
+    if path is None:
+        return None
+    root = Path(path)
+    file = root / "model.safetensors" if root.is_dir() else root
+    if not file.is_file():
+        return None
+    st = file.stat()
+    return {"pretrained": {"file": str(file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+
+
+def model_tokenizer(pretrained: str | None) -> str | None:
+    """The tokenizer a pre-trained model directory of ours carries (``<dir>/tokenizer``), if any."""
+    if pretrained is None:
+        return None
+    tok = Path(pretrained) / "tokenizer"
+    return str(tok.resolve()) if tok.is_dir() or not Path(pretrained).exists() else None
+
+
+def finetune_config(cfg: PipelineConfig, task: TaskConfig | None, shards: str, trim: Any, init: str | None,
+                    pretrained: str | None, objective: str = "task") -> FinetuneConfig:
     c = cfg.compute
+    workers, every, val_samples = c.num_workers, c.checkpoint_every, FinetuneConfig.val_samples
+    if objective == "pretrain":
+        assert cfg.pretrain is not None
+        train, val_split = cfg.pretrain.train, cfg.pretrain.val_split
+        workers, every = cfg.pretrain.num_workers or workers, cfg.pretrain.checkpoint_every or every
+        val_samples = cfg.pretrain.val_samples
+    else:
+        assert task is not None
+        train, val_split = (task.backbone if trim is None else task.smarttrim), task.eval_split
     return FinetuneConfig(
-        shards=shards, out="", preset=cfg.model.preset, init=init,
-        pretrained=cfg.model.pretrained if init is None else None, dropout=cfg.model.dropout,
-        image_size=cfg.model.image_size, trim=trim,
-        train=task.backbone if trim is None else task.smarttrim, num_workers=c.num_workers, use_gpu=c.use_gpu,
-        cpus_per_worker=c.cpus_per_worker, threads=c.threads, deepspeed=c.deepspeed,
-        checkpoint_every=c.checkpoint_every, keep_checkpoints=c.keep_checkpoints, max_failures=c.max_failures)
+        shards=shards, out="", preset=cfg.model.preset, init=init, pretrained=pretrained, dropout=cfg.model.dropout,
+        image_size=cfg.model.image_size, trim=trim, train=train, objective=objective, val_split=val_split,
+        val_samples=val_samples, num_workers=workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
+        threads=c.threads, deepspeed=c.deepspeed, checkpoint_every=every, keep_checkpoints=c.keep_checkpoints,
+        max_failures=c.max_failures)
+
+
+def _shard(cfg: PipelineConfig, data: DataConfig, sid: str, label: str, root: Path, tokenizer: str | None,
+           deps: tuple[str, ...], meta: dict[str, Any]) -> Stage:
+    shard = ShardConfig(
+        source=data.source, task=data.task, root=data.root, out="", shard_size=data.shard_size,
+        on_error=data.on_error, shapes_sizes=data.shapes_sizes, tokenizer=data.tokenizer or tokenizer,
+        shapes_image_size=data.shapes_image_size or model_image_size(cfg))
+    extra = {"generator": shapes.GENERATOR_VERSION} if data.source == "shapes" else None  # new samples, new key
+    return Stage(sid, "shard", _placed("shard", label, shard, root, extra), deps, meta)
+
+
+def pretrain_stages(cfg: PipelineConfig, root: Path) -> list[Stage]:
+    """Shard the pre-training captions, then pre-train (``cfg.pretrain``); the export is ``<out>/model``."""
+    assert cfg.pretrain is not None
+    shard = _shard(cfg, cfg.pretrain.data, "shard/pretrain", "pretrain", root, None, (), {"task": "pretrain"})
+    pre = finetune_config(cfg, None, shard.config.out, None, None, None, objective="pretrain")
+    return [shard, Stage(PRETRAIN_ID, "pretrain", _placed("pretrain", "pretrain", pre, root), (shard.id,),
+                         {"task": "pretrain", "name": "pretrain", "kind": "pretrain"})]
 
 
 def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
     """Every stage of ``pipeline.run all``, dependencies before dependents."""
     root = (root or cfg.run_dir).resolve()
     stages: list[Stage] = []
+    pretrained = str(Path(cfg.model.pretrained).resolve()) if cfg.model.pretrained else None
+    start_deps: tuple[str, ...] = ()
+    if pretrained is None and cfg.pretrain is not None:
+        stages += pretrain_stages(cfg, root)
+        pretrained, start_deps = str(stages[-1].out / "model"), (PRETRAIN_ID,)
+    identity = pretrained_identity(pretrained)
     for task in cfg.tasks:
-        d = task.data
-        shard = Stage(f"shard/{task.name}", "shard", _placed("shard", task.name, ShardConfig(
-            source=d.source, task=d.task, root=d.root, out="", shard_size=d.shard_size, on_error=d.on_error,
-            shapes_sizes=d.shapes_sizes, tokenizer=d.tokenizer), root), meta={"task": task.name})
+        shard = _shard(cfg, task.data, f"shard/{task.name}", task.name, root, model_tokenizer(pretrained),
+                       start_deps, {"task": task.name})
         stages.append(shard)
         shards = shard.config.out
-        backbone = _finetune(cfg, task, shards, None, None, "backbone", "backbone", shard.id, root)
+        backbone = _finetune(cfg, task, shards, None, None, pretrained, "backbone", "backbone",
+                             (shard.id, *start_deps), root, identity)
         models = [backbone]
-        init = str(backbone.out / "model")
+        if cfg.smarttrim_start == "backbone":
+            init, start, deps, ident = str(backbone.out / "model"), None, (backbone.id,), None
+        else:
+            init, start, deps, ident = None, pretrained, (shard.id, *start_deps), identity
         for target in cfg.targets:
-            models.append(_finetune(cfg, task, shards, smarttrim_trim(cfg.trim, target), init,
-                                    f"smarttrim-{target.name}", "smarttrim", backbone.id, root, target.name))
-        if cfg.ablations.target is not None:
-            target = next(t for t in cfg.targets if t.name == cfg.ablations.target)
-            for variant in cfg.ablations.variants:
-                models.append(_finetune(cfg, task, shards, smarttrim_trim(cfg.trim, target, variant), init,
-                                        f"{variant}-{target.name}", "ablation", backbone.id, root, target.name))
+            models.append(_finetune(cfg, task, shards, smarttrim_trim(cfg.trim, target), init, start,
+                                    f"smarttrim-{target.name}", "smarttrim", deps, root, ident, target.name))
+        for section, kind in ((cfg.ablations, "ablation"), (cfg.baselines, "baseline")):
+            if section.target is None:
+                continue
+            target = next(t for t in cfg.targets if t.name == section.target)
+            for variant in section.variants:
+                trim = smarttrim_trim(cfg.trim, target, **{kind: variant})
+                models.append(_finetune(cfg, task, shards, trim, init, start, f"{variant}-{target.name}", kind,
+                                        deps, root, ident, target.name))
         stages += models
         for model in models:
             stages += measure_stages(cfg, task, shards, model, root)
     return stages
 
 
-def _finetune(cfg: PipelineConfig, task: TaskConfig, shards: str, trim: Any, init: str | None, name: str,
-              kind: str, dep: str, root: Path, target: str | None = None) -> Stage:
-    ft = _placed("finetune", f"{task.name}-{name}", finetune_config(cfg, task, shards, trim, init), root)
-    return Stage(f"finetune/{task.name}/{name}", "finetune", ft, (dep,),
-                 {"task": task.name, "name": name, "kind": kind, "target": target})
+def _finetune(cfg: PipelineConfig, task: TaskConfig, shards: str, trim: Any, init: str | None,
+              pretrained: str | None, name: str, kind: str, deps: tuple[str, ...], root: Path,
+              identity: dict[str, Any] | None, target: str | None = None) -> Stage:
+    ft = _placed("finetune", f"{task.name}-{name}", finetune_config(cfg, task, shards, trim, init, pretrained), root,
+                 identity)
+    start = "backbone" if init is not None else "pretrained" if pretrained is not None else "scratch"
+    return Stage(f"finetune/{task.name}/{name}", "finetune", ft, deps,
+                 {"task": task.name, "name": name, "kind": kind, "target": target, "start": start,
+                  "start_from": init or pretrained})
 
 
 def measure_stages(cfg: PipelineConfig, task: TaskConfig, shards: str, model: Stage, root: Path) -> list[Stage]:
@@ -131,4 +219,5 @@ def measure_stages(cfg: PipelineConfig, task: TaskConfig, shards: str, model: St
             Stage(f"profile/{task.name}/{name}", "profile", pr, (model.id,), model.meta)]
 
 
-__all__ = ["KINDS", "Stage", "build_plan", "finetune_config", "measure_stages", "smarttrim_trim", "stage_key"]
+__all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "finetune_config", "measure_stages", "model_image_size",
+           "model_tokenizer", "pretrain_stages", "pretrained_identity", "smarttrim_trim", "stage_key"]

@@ -6,7 +6,9 @@ evaluation -> profiling -> report, as a Ray DAG with cached, resumable stages an
 
 Commands: ``shard``, ``finetune`` (backbone and SmartTrim targets), ``ablate``, ``evaluate``, ``profile``
 (each with the stages it depends on), ``all`` (everything, then the report), ``report`` (from finished
-stages only), ``sweep`` (Ray Tune over targets and loss weights, see ``pipeline.sweep``).
+stages only), ``sweep`` (Ray Tune over targets and loss weights, see ``pipeline.sweep``), ``pretrain``
+(shard the ``pretrain`` section's caption data, pre-train with METER's MLM + ITM objectives, and copy the
+export to ``pretrain.publish`` with a ``PRETRAINING.json`` record: how the shipped checkpoint is made).
 
 Connects to the cluster ``RAY_ADDRESS`` names, else starts a local Ray instance (only when some stage has
 to run). Every stage writes a content-addressed directory under ``runs/<name>/`` and a marker when done: a
@@ -28,10 +30,10 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.dag import PipelineError, execute
-from pipeline.plan import Stage, build_plan
-from pipeline.report import finalize, model_entry, write_report
+from pipeline.plan import Stage, build_plan, pretrain_stages
+from pipeline.report import finalize, model_entry, prior_entries, write_report
 
-COMMANDS = ("all", "shard", "finetune", "ablate", "evaluate", "profile", "report", "sweep")
+COMMANDS = ("all", "shard", "pretrain", "finetune", "ablate", "evaluate", "profile", "report", "sweep")
 
 
 def select(stages: list[Stage], command: str) -> list[Stage]:
@@ -40,7 +42,7 @@ def select(stages: list[Stage], command: str) -> list[Stage]:
         if command in ("all", "report"):
             return True
         if command == "finetune":
-            return s.kind == "finetune" and s.meta.get("kind") != "ablation"
+            return s.kind == "finetune" and s.meta.get("kind") not in ("ablation", "baseline")
         if command == "ablate":
             return s.kind == "finetune" and s.meta.get("kind") == "ablation"
         return s.kind == command
@@ -73,20 +75,16 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
                          "(run `pipeline.run all`)")
     markers = {s.id: json.loads(s.marker.read_text()) for s in stages}
     models: list[tuple[Stage, dict[str, Any]]] = []
-    baselines: dict[str, dict[str, Any]] = {}
     for s in stages:
-        if s.kind == "shard":
-            score = (markers[s.id]["metrics"].get("majority_baseline") or {}).get("score", {})
-            task = next(t for t in cfg.tasks if t.name == s.meta["task"])
-            if task.eval_split in score:
-                baselines[s.meta["task"]] = {"metric": score[task.eval_split], "metric_name": None}
-        elif s.kind == "finetune":
+        if s.kind == "finetune":
             ev = markers[f"evaluate/{s.meta['task']}/{s.meta['name']}"]["metrics"]
             pr = markers[f"profile/{s.meta['task']}/{s.meta['name']}"]["metrics"]
             models.append((s, model_entry(s.meta, ev, pr, str(s.out / "model"), None)))
-    for task, base in baselines.items():
-        base["metric_name"] = next(e["metric_name"] for _, e in models if e["task"] == task)
-    result = finalize([e for _, e in models], baselines)  # fills flops_ratio in the entries
+    priors = []
+    for task in cfg.tasks:
+        metric_name = next(e["metric_name"] for _, e in models if e["task"] == task.name)
+        priors += prior_entries(task.name, markers[f"shard/{task.name}"]["metrics"], task.eval_split, metric_name)
+    result = finalize([e for _, e in models], priors)  # fills flops_ratio in the entries
 
     tracker = Tracker(cfg.run_dir, cfg.mlflow_experiment, cfg.key(), cfg.name, cfg.to_dict())
     for s, entry in models:
@@ -96,6 +94,9 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
         metrics = {"metric": entry["metric"], entry["metric_name"]: entry["metric"], "gflops": entry["gflops_mean"],
                    "flops_ratio": entry["flops_ratio"], "latency_ms_bs1": entry["latency_ms_bs1"],
                    "throughput": entry["throughput"], "train_seconds": markers[s.id]["metrics"]["train_seconds"],
+                   "permuted_metric": entry["permuted_metric"], "permuted_changed": entry["permuted_changed"],
+                   **{f"speedup_{k}": v for k, v in (entry["speedup"] or {}).items()},
+                   **{f"focus_{k}": v for k, v in (entry["focus"] or {}).items()},
                    **{f"keep_{g}": v for g, v in entry["keep"].items()}}
         entry["mlflow_run_id"] = tracker.log_model(
             s.out.name, entry["name"], {"model": s.meta, "finetune": s.config.to_dict()}, metrics, history,
@@ -106,6 +107,27 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
     write_report(cfg.run_dir, result, f"SmartTrim pipeline: {cfg.name}")
     tracker.finish({}, [cfg.run_dir / "results.json", cfg.run_dir / "report.md", cfg.run_dir / "pareto.png"])
     return result
+
+
+def pretrain(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``pipeline.run pretrain``: shard the caption data, pre-train (``cfg.pretrain``), publish the export."""
+    from pipeline.publish import publish
+
+    if cfg.pretrain is None:
+        raise ValueError(f"{args.config}: has no pretrain section")
+    stages = pretrain_stages(cfg, cfg.run_dir.resolve())
+    if not all(s.done() for s in stages) or args.force:
+        _ensure_ray()
+    markers = execute(stages, force=tuple(args.force))
+    shard, pre = stages
+    ev = markers[pre.id]["metrics"]["evaluation"]
+    print(f"[pipeline] pre-trained model: {pre.out / 'model'} ({ev['split']}: ITM accuracy {ev['itm_accuracy']:.4f}, "
+          f"MLM accuracy {ev['mlm_accuracy']:.4f})")
+    if cfg.pretrain.publish:
+        command = " ".join(["python -m pipeline.run pretrain --config", args.config, *args.overrides])
+        dest = publish(cfg, shard, pre, Path(cfg.pretrain.publish), command)
+        print(f"[pipeline] published to {dest} (see {dest / 'PRETRAINING.json'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             _ensure_ray()
             run_sweep(cfg)
             return 0
+        if args.command == "pretrain":
+            return pretrain(cfg, args)
         stages = select(build_plan(cfg), args.command)
         if args.command != "report":
             if not all(s.done() for s in stages) or args.force:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import execute
-from pipeline.plan import build_plan, finetune_config, smarttrim_trim
+from pipeline.plan import build_plan
 from smarttrim.atomic import atomic_write
 
 TRIM_FIELDS = ("token_target_vision", "token_target_text", "head_target", "lambda_cost", "lambda_sd")
@@ -92,12 +92,17 @@ def run_sweep(cfg: PipelineConfig) -> dict[str, Any]:
     if not cfg.sweep.space:
         raise ValueError("sweep.space: nothing to search")
     task = next(t for t in cfg.tasks if t.name == (cfg.sweep.task or cfg.tasks[0].name))
-    stages = [s for s in build_plan(cfg) if s.id in (f"shard/{task.name}", f"finetune/{task.name}/backbone")]
-    execute(stages)
-    shard, backbone = stages
-    target = cfg.targets[0]
-    base_ft = finetune_config(cfg, task, shard.config.out, smarttrim_trim(cfg.trim, target),
-                              str(backbone.out / "model"))
+    plan = {s.id: s for s in build_plan(cfg)}
+    first = plan[f"finetune/{task.name}/smarttrim-{cfg.targets[0].name}"]  # the trials vary its trim config
+    needed: list[str] = []
+    todo = list(first.deps)
+    while todo:  # what the trials start from: shards, pre-training, the backbone when SmartTrim starts there
+        sid = todo.pop()
+        if sid not in needed:
+            needed.append(sid)
+            todo += list(plan[sid].deps)
+    execute([s for s in plan.values() if s.id in needed])
+    base_ft = dataclasses.replace(first.config, out="")
     key = hashlib.sha256(json.dumps({"sweep": dataclasses.asdict(cfg.sweep), "ft": base_ft.to_dict()},
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = (cfg.run_dir / "sweep" / key).resolve()

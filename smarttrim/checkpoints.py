@@ -19,6 +19,7 @@ interpolation (reproduced here through timm's ``resample_abs_pos_embed`` with ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -38,11 +39,11 @@ from torch import Tensor
 from transformers import AutoConfig
 
 from smarttrim.config import ModelConfig
-from smarttrim.io import load_state_dict_checked
+from smarttrim.io import WEIGHTS, load_state_dict_checked, read_config
 from smarttrim.model import SmartTrimModel
 
-__all__ = ["LoadReport", "MeterConversion", "convert_meter_checkpoint", "load_clip_vision",
-           "load_meter_checkpoint", "load_roberta"]
+__all__ = ["ARCHITECTURE_FIELDS", "LoadReport", "MeterConversion", "convert_meter_checkpoint", "load_clip_vision",
+           "load_meter_checkpoint", "load_pretrained", "load_roberta", "pretrained_config"]
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 VISION = "backbone.vision."
@@ -135,6 +136,9 @@ def load_clip_vision(model: SmartTrimModel, path: str | PathLike[str],
         raise ValueError(f"{root}: config model_type {getattr(hf, 'model_type', None)!r} is not a CLIP model "
                          "(expected a CLIPVisionModel or CLIPModel directory)")
     cfg, vit = model.config, model.backbone.vision
+    if cfg.patch_stem != "linear":
+        raise ValueError(f"{root}: CLIP embeds patches with one linear projection; the model has "
+                         f"patch_stem={cfg.patch_stem!r} (use patch_stem='linear' to load CLIP weights)")
     depth = vcfg.num_hidden_layers
     deeper = depth > cfg.vision_layers
     truncate = truncate_layers and deeper
@@ -222,6 +226,9 @@ def convert_meter_checkpoint(state_dict: Mapping[str, Tensor], config: ModelConf
     Unrecognized keys are kept under their own name (a strict load then reports them). ``source`` names
     the checkpoint in error messages.
     """
+    if config.patch_stem != "linear":
+        raise ValueError(f"{source}: METER's CLIP ViT embeds patches linearly; the model has "
+                         f"patch_stem={config.patch_stem!r}")
     vit = "vit_model.visual." if any(k.startswith("vit_model.visual.") for k in state_dict) else "vit_model."
     head = METER_HEADS[config.task]
     rules: Rules = ((r"vit_model\..*", ""), (r"text_transformer\.(pooler\..*|embeddings\.position_ids)", ""),
@@ -278,6 +285,60 @@ def load_meter_checkpoint(model: SmartTrimModel, path: str | PathLike[str]) -> L
                "(a pre-training checkpoint?): the task head keeps its random initialization")
         report.notes.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
+    return report
+
+
+ARCHITECTURE_FIELDS = ("patch_size", "patch_stem", "vision_width", "vision_layers", "vision_heads", "vision_mlp_ratio",
+                      "vision_act", "vocab_size", "text_hidden", "text_layers", "text_heads", "text_intermediate",
+                      "text_max_positions", "pad_token_id", "bos_token_id", "eos_token_id", "hidden_size",
+                      "cross_layers", "cross_heads", "cross_intermediate", "layer_norm_eps")
+"""What a model started from another model directory must share with it (the rest: image size, task, labels,
+dropout, text length may differ)."""
+
+
+def pretrained_config(path: str | PathLike[str], task: str, num_labels: int,
+                      **overrides: Any) -> ModelConfig:
+    """The ``ModelConfig`` of a model that starts from the model directory ``path``: its architecture, this task
+    and label count, and ``overrides`` (``image_size``, ``dropout``, ...) on top."""
+    source, _, _ = read_config(path)
+    return dataclasses.replace(source, task=task, num_labels=num_labels, **overrides)
+
+
+def load_pretrained(model: SmartTrimModel, path: str | PathLike[str]) -> LoadReport:
+    """Start ``model`` from a model directory of ours (``save_pretrained``; e.g. ``stages.pretrain``'s export): its
+    backbone weights, as from an official METER pre-training checkpoint.
+
+    The task head is not taken (it stays as initialized, unless both models have the same task and label count)
+    and trimmers keep their initialization. The position grid is resampled to ``model``'s image size (bicubic,
+    as METER's ``adapt_position_encoding``); for NLVR2 a 2-row token-type table gets a third row copied from
+    row 1. The architectures must agree (``ARCHITECTURE_FIELDS``): a ``ValueError`` names the differing fields.
+    """
+    root = Path(path)
+    source_cfg, _, _ = read_config(root)
+    cfg = model.config
+    differ = [f"{name}: {getattr(source_cfg, name)!r} in {root}, {getattr(cfg, name)!r} in the model"
+              for name in ARCHITECTURE_FIELDS if getattr(source_cfg, name) != getattr(cfg, name)]
+    if differ:
+        raise ValueError(f"{root}: another architecture than the model's ({'; '.join(differ)})")
+    file = root / WEIGHTS
+    state = _read_weights(file)
+    same_head = source_cfg.task == cfg.task and source_cfg.num_labels == cfg.num_labels
+    keep = ("backbone.", "head.") if same_head else ("backbone.",)
+    report = LoadReport(str(root), dropped=sorted(k for k in state if not k.startswith(keep)),
+                        head_loaded=same_head)
+    state = {k: v for k, v in state.items() if k.startswith(keep)}
+    sources = {k: k for k in state}
+    _finish_vision(state, sources, cfg, str(file), report.notes)
+    types = "backbone.token_type_embeddings.weight"
+    rows = model.state_dict()[types].shape[0]
+    if state[types].shape[0] == 2 and rows == 3:
+        state[types] = torch.cat([state[types], state[types][1:2]])
+        report.notes.append("token_type_embeddings: 2 -> 3 rows (row 2 = row 1, as METER does for NLVR2)")
+    elif state[types].shape[0] == 3 and rows == 2:
+        state[types] = state[types][:2]
+        report.notes.append("token_type_embeddings: 3 -> 2 rows (the second image's type dropped)")
+    _load(model, state, sources, str(file), allow_missing=("trimmers.",) if same_head else ("trimmers.", "head."))
+    report.loaded = len(state)
     return report
 
 

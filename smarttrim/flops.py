@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torchprofile import profile_macs
 
-from smarttrim.model import SmartTrimModel, SmartTrimOutput
+from smarttrim.config import ModelConfig
+from smarttrim.model import SmartTrimModel, SmartTrimOutput, conv_stem
 from smarttrim.trimmers import TokenTrimmer
 
 _INPUTS = ("pixel_values", "input_ids", "attention_mask")
@@ -60,6 +61,17 @@ def _attention_macs(n_q: int, n_kv: int, d_in_q: int, d_in_kv: int, d_out: int, 
     return n_q * d_in_q * w + 2 * n_kv * d_in_kv * w + 2 * n_q * n_kv * w + n_q * w * d_out
 
 
+def _stem_macs(cfg: ModelConfig) -> int:
+    """Patch embedding: one p x p convolution (``linear``), or the ``conv`` stem's stride-2 3x3 convolutions."""
+    if cfg.patch_stem == "linear":
+        return cfg.num_patches * 3 * cfg.patch_size**2 * cfg.vision_width
+    macs, side = 0, cfg.image_size
+    for conv in (m for m in conv_stem(cfg.patch_size, cfg.vision_width) if isinstance(m, nn.Conv2d)):
+        side //= 2
+        macs += side * side * conv.in_channels * 9 * conv.out_channels
+    return macs
+
+
 def _mlp_macs(*dims: int) -> int:
     """Per-row MACs of a chain of Linear layers with the given dims."""
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))
@@ -99,7 +111,7 @@ def analytic_macs(model: SmartTrimModel, out: SmartTrimOutput, text_len: int) ->
     for _ in range(passes):
         # visual encoder
         n = cfg.num_patches + 1
-        macs += cfg.num_patches * 3 * cfg.patch_size**2 * vw
+        macs += _stem_macs(cfg)
         mlp = int(vw * cfg.vision_mlp_ratio)
         for layer in range(cfg.vision_layers):
             macs += token_trimmer(n, vw, th, "vision_tokens", layer)

@@ -14,14 +14,16 @@ upstream and METER checkpoints load without renaming inside a layer.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smarttrim.trimmers import masked_softmax_attention
+from smarttrim.trimmers import masked_attention
 
 
 @dataclass
@@ -31,18 +33,47 @@ class Stream:
     x: (B, N, D) hidden states; index 0 is the prefix ([CLS]) token, never trimmed.
     keep: (B, N) 0/1 float. Masking path: cumulative keep mask (padding = 0), with straight-through
         gradients once a trimmer has acted. Pruning path: which slots hold a real token (packing padding).
-    n0: (B,) number of trimmable tokens at the start (real tokens minus the prefix): keep-ratio denominator.
+    n0: (B,) number of trimmable tokens at the start (real tokens minus the prefix): keep-ratio denominator;
+        a plain number when it is the same for every instance (images, unpadded texts).
+    pos: (B, N) long, each slot's position in the stream's input sequence (the pruning path gathers it with
+        the tokens); None = the identity (nothing gathered yet, or the masking path).
+    dense: True when every slot is known to hold a kept token (pruning path after a batch of one or equal
+        counts): attention then needs no key mask and nothing checks ``keep``.
     """
 
     x: Tensor
     keep: Tensor
-    n0: Tensor
+    n0: Tensor | int
+    pos: Tensor | None = None
+    dense: bool = False
+
+    def with_x(self, x: Tensor) -> Stream:
+        """The same tokens with new hidden states (a layer's output)."""
+        return Stream(x, self.keep, self.n0, self.pos, self.dense)
 
     def key_mask(self) -> Tensor | None:
         """The key mask attention needs: None when every slot is a kept token (no masking work at all)."""
+        if self.dense:
+            return None
         if self.keep.requires_grad or not bool(self.keep.all()):
             return self.keep
         return None
+
+    def positions(self) -> Tensor:
+        """(B, N) long: each slot's position in the input sequence."""
+        if self.pos is not None:
+            return self.pos
+        b, n = self.keep.shape
+        return torch.arange(n, device=self.keep.device).expand(b, n)
+
+    def select(self, keep: Tensor) -> Stream:
+        """Pruning path, batch of one, every slot a kept token: keep the tokens where ``keep`` (N,) bool is True
+        (the prefix forced in) by indexing, no packing. The decision of a deterministic trimmer at batch size 1
+        goes here directly (``apply`` is the general case)."""
+        keep[0] = True
+        index = keep.nonzero().squeeze(1)  # (N',)
+        pos = self.pos.index_select(1, index) if self.pos is not None else index[None]
+        return Stream(self.x.index_select(1, index), self.keep[:, : index.numel()], self.n0, pos, dense=True)
 
     def apply(self, decision: Tensor, prune: bool) -> Stream:
         """Apply a (B, N) 0/1 keep decision: mask (training path) or gather out (pruning path).
@@ -50,18 +81,27 @@ class Stream:
         Masks are cumulative (a dropped token stays dropped), the prefix is always kept and padding
         counts as pruned.
         """
-        decision = torch.cat([torch.ones_like(decision[:, :1]), decision[:, 1:]], dim=1)
-        keep = self.keep * decision  # (B, N)
         if not prune:
-            return Stream(self.x, keep, self.n0)
-        n_max = int(keep.sum(1).max())
+            decision = torch.cat([torch.ones_like(decision[:, :1]), decision[:, 1:]], dim=1)
+            return Stream(self.x, self.keep * decision, self.n0, self.pos)
+        keep = self.keep * decision  # (B, N)
+        keep[:, 0] = 1.0  # the prefix
+        pos = self.positions()
+        if keep.shape[0] == 1:  # one instance: index the kept tokens, no packing
+            index = keep[0].nonzero().squeeze(1)  # (N',)
+            return Stream(self.x.index_select(1, index), keep.new_ones(1, index.numel()), self.n0,
+                          pos.index_select(1, index), dense=True)
+        low, high = torch.aminmax(keep.sum(1))
+        n_max = int(high)
         order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_max]  # kept first, in order
         x = torch.gather(self.x, 1, order[..., None].expand(-1, -1, self.x.shape[-1]))  # (B, N', D)
-        return Stream(x, torch.gather(keep, 1, order), self.n0)
+        return Stream(x, torch.gather(keep, 1, order), self.n0, torch.gather(pos, 1, order),
+                      dense=int(low) == n_max)
 
     def kept_fraction(self) -> Tensor:
         """(B,) fraction of the trimmable tokens still alive."""
-        return (self.keep.sum(1) - 1) / self.n0.clamp(min=1)
+        n0 = self.n0.clamp(min=1) if isinstance(self.n0, Tensor) else max(self.n0, 1)
+        return (self.keep.sum(1) - 1) / n0
 
 
 @dataclass
@@ -75,21 +115,83 @@ class Heads:
 
     index: Tensor | None = None
     gate: Tensor | None = None
+    key: tuple[int, ...] | None = None
+    """``index`` as a tuple when known on the host (batch of one): the head-slice cache needs no device read."""
+
+    @staticmethod
+    def from_flags(flags: list[bool], device: torch.device) -> Heads:
+        """Pruning path, batch of one: the heads whose flag is True (host-side decisions, one device read for all
+        heads); every head kept = nothing to slice."""
+        if all(flags):
+            return Heads()
+        key = tuple(h for h, kept in enumerate(flags) if kept)
+        index = _INDEX.get((key, device))
+        if index is None:
+            index = _INDEX.setdefault((key, device), torch.tensor(key, dtype=torch.long, device=device))
+        return Heads(index=index, key=key)
 
     @staticmethod
     def from_decision(decision: Tensor, prune: bool) -> Heads:
+        """Heads of a (B, H) 0/1 decision: gates (masking path), or the computed union and per-instance gates
+        (pruning path; nothing to slice when the union is every head, no gate when all keep the union)."""
         if not prune:
             return Heads(gate=decision)
-        index = decision.any(0).nonzero().flatten()  # (Hk,)
-        gate = decision[:, index]  # (B, Hk)
-        return Heads(index=index, gate=None if bool(gate.all()) else gate)
+        num_heads = decision.shape[1]
+        if decision.shape[0] == 1:
+            index = decision[0].nonzero().squeeze(1)  # (Hk,)
+            return Heads(index=None if index.numel() == num_heads else index)
+        index = decision.any(0).nonzero().squeeze(1)  # (Hk,)
+        full = index.numel() == num_heads
+        gate = decision if full else decision[:, index]  # (B, Hk)
+        return Heads(index=None if full else index, gate=None if bool(gate.all()) else gate)
 
 
-def _linear(x: Tensor, layer: nn.Linear, rows: Tensor | None) -> Tensor:
-    if rows is None:
+_INDEX: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+"""Index tensors of kept-head sets (a few per head count), shared by every module."""
+
+_SLICES: weakref.WeakKeyDictionary[nn.Linear, dict[tuple[Any, ...], tuple[Any, Tensor, Tensor | None]]] = \
+    weakref.WeakKeyDictionary()
+MAX_CACHED_SLICES = 64
+"""Kept-head sets cached per layer (a module of H heads has at most 2^H - 1 of them)."""
+
+
+def head_slice(layer: nn.Linear, index: Tensor, num_heads: int, dim: int, parts: int = 1,
+               key: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | None]:
+    """``layer``'s weight and bias restricted to the heads ``index`` (Hk,): output rows (``dim`` 0; ``parts`` stacked
+    blocks of ``num_heads`` heads, e.g. timm's fused qkv) or input columns (``dim`` 1; bias None, it is not per head).
+
+    Without gradients (inference) the slices are cached per kept-head set, valid while the weights are unchanged
+    (their version counters): instances that keep the same heads reuse one copy instead of slicing every call.
+    ``key``: ``index`` as a tuple, when the caller has it (no device read)."""
+    cache = None
+    if not torch.is_grad_enabled():
+        bias = layer.bias
+        key = (dim, parts, key if key is not None else tuple(index.tolist()))
+        version = (layer.weight._version, layer.weight.data_ptr(), None if bias is None else bias._version)
+        cache = _SLICES.setdefault(layer, {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1], hit[2]
+    w = layer.weight
+    if dim == 0:
+        dh = w.shape[0] // parts // num_heads
+        weight = w.view(parts, num_heads, dh, -1).index_select(1, index).reshape(-1, w.shape[1])
+        bias = None if layer.bias is None else layer.bias.view(parts, num_heads, dh).index_select(1, index).reshape(-1)
+    else:
+        dh = w.shape[1] // num_heads
+        weight, bias = w.view(w.shape[0], num_heads, dh).index_select(1, index).reshape(w.shape[0], -1), None
+    if cache is not None:
+        if len(cache) >= MAX_CACHED_SLICES:
+            cache.clear()
+        cache[key] = (version, weight, bias)
+    return weight, bias
+
+
+def _linear(x: Tensor, layer: nn.Linear, heads: Heads | None, num_heads: int, parts: int = 1) -> Tensor:
+    """``layer(x)`` restricted to the output features of the computed heads (None / no index: every head)."""
+    if heads is None or heads.index is None:
         return layer(x)
-    bias = None if layer.bias is None else layer.bias[rows]
-    return F.linear(x, layer.weight[rows], bias)
+    return F.linear(x, *head_slice(layer, heads.index, num_heads, 0, parts, heads.key))
 
 
 def multi_head_attention(
@@ -101,34 +203,37 @@ def multi_head_attention(
 
     x_q (B, Nq, D), x_kv (B, Nk, D) -> (B, Nq, D_out) after the output projection ``out``.
     q/k/v are Linear layers, or precomputed (B, N, H*Dh) projections (timm's fused qkv).
-    key_keep (B, Nk) 0/1 or None (all keys present). With a gradient it runs the differentiable masked
-    softmax; without one, PyTorch's fused SDPA with a boolean mask (identical values).
+    key_keep (B, Nk) 0/1 or None (all keys present). A mask with a gradient (training path) runs
+    ``masked_attention`` (exact gradients for q, k, v and the mask), as does training in bf16 (3x faster than
+    SDPA's CPU backward there); otherwise PyTorch's fused SDPA with a boolean mask (the same values).
     """
-    b, nq, _ = x_q.shape
+    b, nq = x_q.shape[:2]
     dh = out.in_features // num_heads
     index = None if heads is None else heads.index
-    rows = None if index is None else (index[:, None] * dh + torch.arange(dh, device=index.device)).flatten()
     n_heads = num_heads if index is None else index.numel()
     if n_heads == 0:  # every head of this module pruned for the whole batch: only the bias remains
         return out.bias.expand(b, nq, -1) if out.bias is not None else x_q.new_zeros(b, nq, out.out_features)
 
     def split(t: nn.Linear | Tensor, x: Tensor, norm: Callable[[Tensor], Tensor] | None) -> Tensor:
-        t = _linear(x, t, rows) if isinstance(t, nn.Linear) else t
+        t = _linear(x, t, heads, num_heads) if isinstance(t, nn.Linear) else t
         t = t.view(b, x.shape[1], n_heads, dh).transpose(1, 2)  # (B, Hk, N, Dh)
         return t if norm is None else norm(t)
 
     qh, kh, vh = split(q, x_q, q_norm), split(k, x_kv, k_norm), split(v, x_kv, None)
-    if key_keep is not None and key_keep.requires_grad:
-        ctx = masked_softmax_attention(qh, kh, vh, key_keep, dh**-0.5, dropout_p)
+    mask_grad = key_keep is not None and key_keep.requires_grad
+    if mask_grad or (torch.is_grad_enabled() and qh.requires_grad and qh.dtype != torch.float32):
+        # training: exact mask gradients; and in bf16 it is 3x faster than SDPA's CPU backward
+        ctx = masked_attention(qh, kh, vh, key_keep, dh**-0.5, dropout_p)
     else:
         mask = None if key_keep is None else (key_keep > 0)[:, None, None, :]  # (B, 1, 1, Nk)
         ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p)
     if heads is not None and heads.gate is not None:
         ctx = ctx * heads.gate[:, :, None, None]  # pruned heads contribute 0 to the output projection
     ctx = ctx.transpose(1, 2).reshape(b, nq, n_heads * dh)  # (B, Nq, Hk*Dh)
-    if rows is None:
+    if index is None:
         return out(ctx)
-    return F.linear(ctx, out.weight[:, rows], out.bias)
+    return F.linear(ctx, head_slice(out, index, num_heads, 1, key=heads.key if heads is not None else None)[0],
+                    out.bias)
 
 
 def vit_block_forward(block: nn.Module, x: Tensor, key_keep: Tensor | None, heads: Heads | None) -> Tensor:
@@ -139,18 +244,55 @@ def vit_block_forward(block: nn.Module, x: Tensor, key_keep: Tensor | None, head
     """
     attn = block.attn
     h = block.norm1(x)
-    d = attn.proj.in_features
-    rows = None
-    if heads is not None and heads.index is not None:
-        head_rows = (heads.index[:, None] * (d // attn.num_heads) + torch.arange(d // attn.num_heads,
-                                                                                 device=x.device)).flatten()
-        rows = torch.cat([head_rows, head_rows + d, head_rows + 2 * d])
-    q, k, v = _linear(h, attn.qkv, rows).chunk(3, dim=-1)  # each (B, N, Hk*Dh)
+    q, k, v = _linear(h, attn.qkv, heads, attn.num_heads, parts=3).chunk(3, dim=-1)  # each (B, N, Hk*Dh)
     p = attn.attn_drop.p if block.training else 0.0
     h = multi_head_attention(h, h, q, k, v, attn.proj, attn.num_heads, key_keep, heads, p,
                              q_norm=attn.q_norm, k_norm=attn.k_norm)
     x = x + block.drop_path1(block.ls1(attn.proj_drop(h)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _drop(dropout: nn.Dropout, x: Tensor) -> Tensor:
+    """``dropout(x)``, without the call when it is the identity (eval mode, or p = 0): at batch size 1 every op
+    dispatched counts."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
+def roberta_forward(text: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """transformers' ``RobertaModel`` forward (no pooler) on its own modules: embeddings, then every
+    ``RobertaLayer`` (self-attention, output, intermediate, output) in the same order with the same ops.
+
+    input_ids / attention_mask (B, T) -> last hidden states (B, T, D). The model's per-call mask building,
+    output bookkeeping and attention-interface dispatch cost more than the arithmetic of a short text at
+    batch size 1; padding keys are masked as there (no mask at all when there is no padding). The keep-all
+    tests pin it to ``RobertaModel.forward``.
+    """
+    emb = text.embeddings
+    pad = emb.padding_idx
+    t = input_ids.shape[1]
+    padded = not bool(input_ids.ne(pad).all())
+    if padded:  # RoBERTa numbers the non-padding tokens from pad + 1 (padding keeps position pad)
+        position = emb.position_embeddings(emb.create_position_ids_from_input_ids(input_ids, pad))
+    else:
+        position = emb.position_embeddings.weight[pad + 1: pad + 1 + t]  # (T, D)
+    x = emb.word_embeddings(input_ids) + emb.token_type_embeddings.weight[0] + position
+    x = _drop(emb.dropout, emb.LayerNorm(x))  # (B, T, D)
+    mask = (attention_mask > 0)[:, None, None, :] if not bool(attention_mask.all()) else None  # (B, 1, 1, T)
+    for layer in text.encoder.layer:
+        sa, so = layer.attention.self, layer.attention.output
+        b, n, d = x.shape
+        dh = sa.attention_head_size
+
+        def heads(lin: nn.Linear, x: Tensor = x, b: int = b, n: int = n, dh: int = dh) -> Tensor:
+            return lin(x).view(b, n, -1, dh).transpose(1, 2)  # (B, H, T, Dh)
+
+        p = sa.dropout.p if sa.training else 0.0
+        ctx = F.scaled_dot_product_attention(heads(sa.query), heads(sa.key), heads(sa.value), attn_mask=mask,
+                                             dropout_p=p, scale=sa.scaling)
+        x = so.LayerNorm(_drop(so.dropout, so.dense(ctx.transpose(1, 2).reshape(b, n, d))) + x)
+        out = layer.output
+        x = out.LayerNorm(_drop(out.dropout, out.dense(layer.intermediate(x))) + x)
+    return x
 
 
 class BertSelfAttention(nn.Module):
@@ -187,7 +329,7 @@ class BertAttention(nn.Module):
         p = self.dropout_p if self.training else 0.0
         h = multi_head_attention(x, context, s.query, s.key, s.value, o.dense, self.num_heads, key_keep,
                                  heads, p)
-        return o.LayerNorm(o.dropout(h) + x)
+        return o.LayerNorm(_drop(o.dropout, h) + x)
 
 
 class BertIntermediate(nn.Module):
@@ -207,7 +349,7 @@ class BertOutput(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+        return self.LayerNorm(_drop(self.dropout, self.dense(h)) + residual)
 
 
 class CrossLayer(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from transformers import RobertaConfig, RobertaModel
 
 from smarttrim.config import ModelConfig, TrimConfig, model_config
-from smarttrim.layers import CrossLayer, Heads, Pooler, Stream, vit_block_forward
+from smarttrim.layers import CrossLayer, Heads, Pooler, Stream, roberta_forward, vit_block_forward
 from smarttrim.losses import cost_loss, distill_kl, task_loss
-from smarttrim.trimmers import HeadTrimmer, RandomTokenTrimmer, TokenTrimmer, decide, random_rate
+from smarttrim.trimmers import FusedGuides, HeadTrimmer, RandomTokenTrimmer, TokenTrimmer, decide, fusable, random_rate
 
 GROUPS = ("vision_tokens", "text_tokens", "heads")
 
@@ -38,10 +38,25 @@ def build_vision(cfg: ModelConfig) -> VisionTransformer:
         num_heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio, qkv_bias=True, pre_norm=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer=cfg.vision_act, num_classes=0, global_pool="",
     )
+    if cfg.patch_stem == "conv":  # same interface: (B, 3, H, W) -> (B, D, H/p, W/p), flattened by timm
+        vit.patch_embed.proj = conv_stem(cfg.patch_size, cfg.vision_width)
     for i, block in enumerate(vit.blocks):  # our attention re-implements timm's; guard what it omits
         if not isinstance(block.attn.norm, nn.Identity):
             raise ValueError(f"vision block {i}: timm attention scale-norm is not supported")
     return vit
+
+
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 3x3 convolutions, GELU between them, widths width / 2^k up to ``width``
+    (Xiao et al. 2021, "Early convolutions help transformers see better")."""
+    steps = patch_size.bit_length() - 1
+    widths = [3] + [width // 2 ** (steps - 1 - k) for k in range(steps)]
+    layers: list[nn.Module] = []
+    for k in range(steps):
+        layers.append(nn.Conv2d(widths[k], widths[k + 1], 3, stride=2, padding=1))
+        if k < steps - 1:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
 
 
 def build_text(cfg: ModelConfig) -> RobertaModel:
@@ -142,6 +157,27 @@ class TrimmerSet(nn.Module):
         table: nn.ModuleDict = getattr(self, placement)
         return table[str(layer)] if str(layer) in table else None  # noqa: SIM401 (ModuleDict has no .get)
 
+    def fused_guides(self, layer: int) -> FusedGuides | None:
+        """Co-attention layer ``layer``'s guide networks as one ``FusedGuides`` (built once per weight version;
+        call without gradients), None when it has fewer than two that fuse."""
+        cache: dict[int, FusedGuides | None] = self.__dict__.setdefault("_fused", {})
+        if layer in cache:
+            fused = cache[layer]
+            if fused is None or not fused.stale:
+                return fused
+        placements = (("text_tokens", "ab"), ("image_tokens", "ba"), ("text_msa_heads", "a"),
+                      ("text_mca_heads", "ab"), ("image_msa_heads", "b"), ("image_mca_heads", "ba"))
+        members = [(p, m, reads) for p, reads in placements if fusable(m := self.get(p, layer))]
+        if len(members) < 2:
+            cache[layer] = None
+            return None
+        _, first, reads = members[0]
+        linear = first.mlp[0] if isinstance(first, HeadTrimmer) else first.global_mlp[0]
+        width = linear.in_features // len(reads)  # the width of one [CLS] feature
+        with torch.no_grad():
+            cache[layer] = FusedGuides(members, width)
+        return cache[layer]
+
     def set_random_rates(self, gamma: dict[str, float]) -> None:
         """Random token trimmers keep each token with r such that their chain's mean keep ratio is γ."""
         vision = [*self.vision_tokens.values(), *self.image_tokens.values()]
@@ -176,35 +212,73 @@ class SmartTrimOutput:
     """(B', Ni, h) final image-stream states."""
     image_keep: Tensor | None = None
     """(B', Ni) 0/1."""
+    image_positions: Tensor | None = None
+    """(B', Ni) long: each row of ``image_hidden``'s position in the visual input (0 = [I_CLS], 1 + k = patch k in
+    raster order); with ``image_keep``, which patches survived every visual token trimmer (what the image
+    stream's last trimmer kept). Rows where ``image_keep`` is 0 (packing padding) hold no position."""
+    text_positions: Tensor | None = None
+    """(B', Nt) long: each row of ``text_hidden``'s position in the input text."""
 
 
 @dataclass
 class _Run:
-    """Per-forward trimming context: how to decide, how to apply, and what was decided."""
+    """Per-forward trimming context: how to decide, how to apply, and what was decided.
+
+    ``records``: trimmed module name -> (group, kept count, denominator), each (B',) or, for a batch of one
+    on the pruning path, a plain number (no tensor work on the hot path); ``SmartTrimModel._summarize``
+    turns them into the output's keep ratios."""
 
     trimmers: TrimmerSet | None
     sample: bool
     prune: bool
     tau: float
-    records: dict[str, tuple[str, Tensor, Tensor]] = field(default_factory=dict)
+    records: dict[str, tuple[str, Tensor | int, Tensor | int]] = field(default_factory=dict)
+
+    def guides(self, layer: int, c_t: Tensor, c_i: Tensor) -> tuple[dict[str, Tensor], dict[str, list[bool]]]:
+        """Inference: co-attention layer ``layer``'s guide networks computed at once (``TrimmerSet.fused_guides``);
+        empty when not fused (training, the masking path, or nothing to fuse)."""
+        if self.trimmers is None or not self.prune or self.sample or torch.is_grad_enabled():
+            return {}, {}
+        fused = self.trimmers.fused_guides(layer)
+        return ({}, {}) if fused is None else fused(c_t, c_i)
 
     def tokens(self, stream: Stream, placement: str, layer: int, c_self: Tensor, c_other: Tensor, name: str,
-               group: str) -> Stream:
+               group: str, query: Tensor | None = None) -> Stream:
         trimmer = None if self.trimmers is None else self.trimmers.get(placement, layer)
         if trimmer is None:
             return stream
-        decision = decide(trimmer(stream.x, c_self, c_other), self.tau, self.sample)  # (B, N)
-        stream = stream.apply(decision, self.prune)
-        self.records[name] = (group, stream.kept_fraction(), stream.keep.sum(1))
+        scores = (trimmer(stream.x, c_self, c_other) if query is None  # (B, N)
+                  else trimmer(stream.x, c_self, c_other, query))  # its global term computed by ``guides``
+        if self.prune and not self.sample and stream.dense and scores.shape[0] == 1:
+            stream = stream.select(scores[0] > 0)  # the hot path of single-instance inference
+            self.records[name] = (group, stream.x.shape[1], stream.n0)
+            return stream
+        stream = stream.apply(decide(scores, self.tau, self.sample), self.prune)
+        self.records[name] = (group, stream.keep.sum(1), stream.n0)  # the prefix counts in ``kept``, not ``n0``
         return stream
 
-    def heads(self, placement: str, layer: int, guide: Tensor, name: str) -> Heads | None:
+    def heads(self, placement: str, layer: int, guide: Tensor | tuple[Tensor, Tensor], name: str,
+              scores: Tensor | None = None, flags: list[bool] | None = None) -> Heads | None:
+        """``guide``: the trimmer's input ([CLS] features, concatenated when a tuple); ``scores`` / ``flags``: its
+        output and host-side decisions when already computed (``guides``)."""
         trimmer = None if self.trimmers is None else self.trimmers.get(placement, layer)
         if trimmer is None:
             return None
-        decision = decide(trimmer(guide), self.tau, self.sample)  # (B, H)
-        self.records[name] = ("heads", decision.mean(1), decision.sum(1))
-        return Heads.from_decision(decision, self.prune)
+        if scores is None:
+            scores = trimmer(guide if isinstance(guide, Tensor) else torch.cat(guide, -1))  # (B, H)
+        num_heads = scores.shape[1]
+        if self.prune and not self.sample and scores.shape[0] == 1:  # single-instance inference: host decisions
+            heads = Heads.from_flags(flags if flags is not None else (scores[0] > 0).tolist(), scores.device)
+            self.records[name] = ("heads", num_heads if heads.key is None else len(heads.key), num_heads)
+            return heads
+        decision = decide(scores, self.tau, self.sample)
+        heads = Heads.from_decision(decision, self.prune)
+        if self.prune and decision.shape[0] == 1:
+            kept: Tensor | int = num_heads if heads.index is None else heads.index.numel()
+        else:
+            kept = decision.sum(1)
+        self.records[name] = ("heads", kept, num_heads)
+        return heads
 
 
 class SmartTrimModel(nn.Module):
@@ -274,7 +348,7 @@ class SmartTrimModel(nn.Module):
         """(B, h) uni-modal text feature: the text [CLS] after ``cross_modal_text_transform``, i.e. the text
         stream's input to the co-attention layers without the (constant) token-type embedding. The text
         encoder is never trimmed. Runs in the current train/eval mode."""
-        text = self.backbone.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text = roberta_forward(self.backbone.text, input_ids, attention_mask)
         return self.backbone.cross_modal_text_transform(text[:, 0])
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
@@ -304,7 +378,7 @@ class SmartTrimModel(nn.Module):
         if self.trimmers is not None and trim is not None and trim.token_trimmer == "random":
             self.trimmers.set_random_rates(gamma)
 
-        text = self.backbone.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text = roberta_forward(self.backbone.text, input_ids, attention_mask)
         if cfg.task == "nlvr2":  # two image-text passes per instance, image token types 1 and 2
             pixel_values = pixel_values.flatten(0, 1)  # (2B, 3, H, W)
             text, attention_mask = text.repeat_interleave(2, 0), attention_mask.repeat_interleave(2, 0)
@@ -317,7 +391,7 @@ class SmartTrimModel(nn.Module):
         pooled, t, i = self._fuse(pixel_values, text, attention_mask, image_type, run)
         logits = self.head(pooled.view(batch_size, -1))  # NLVR2: (B, 2 x 2h)
         out = SmartTrimOutput(logits=logits, text_hidden=t.x, text_keep=t.keep, image_hidden=i.x,
-                              image_keep=i.keep)
+                              image_keep=i.keep, image_positions=i.positions(), text_positions=t.positions())
         self._summarize(run, batch_size, out)
         if labels is None:
             return out
@@ -372,50 +446,95 @@ class SmartTrimModel(nn.Module):
         vit = self.backbone.vision
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))  # (B, 1+P, Dv)
         b, n = x.shape[:2]
-        s = Stream(x, keep=x.new_ones(b, n), n0=x.new_full((b,), n - 1))
+        s = Stream(x, keep=x.new_ones(b, n), n0=n - 1, dense=True)  # every patch is a real token
         for layer, block in enumerate(vit.blocks):
             s = run.tokens(s, "vision_tokens", layer, s.x[:, 0], text_cls, f"vision.{layer}.tokens",
                            "vision_tokens")
             heads = run.heads("vision_heads", layer, s.x[:, 0], f"vision.{layer}.heads")
-            s = replace(s, x=vit_block_forward(block, s.x, s.key_mask(), heads))
-        return replace(s, x=vit.norm(s.x))
+            s = s.with_x(vit_block_forward(block, s.x, s.key_mask(), heads))
+        return s.with_x(vit.norm(s.x))
 
     def _fuse(self, pixel_values: Tensor, text: Tensor, text_mask: Tensor, image_type: Tensor,
               run: _Run) -> tuple[Tensor, Stream, Stream]:
         """Visual encoder + co-attention layers + poolers -> ((B', 2h) pooled features, text, image)."""
+        return self._cross(self._encode_image(pixel_values, text[:, 0], run), text, text_mask, image_type, run)
+
+    def _cross(self, image: Stream, text: Tensor, text_mask: Tensor, image_type: Tensor,
+               run: _Run) -> tuple[Tensor, Stream, Stream]:
+        """Co-attention layers + poolers on an encoded image stream and encoded texts (B', T, Dt) ->
+        ((B', 2h) pooled features, text stream, image stream). Pre-training reuses one image encoding for
+        several texts through this (no trimmer reads the text in the visual encoder there)."""
         bb = self.backbone
-        image = self._encode_image(pixel_values, text[:, 0], run)
         keep_t = text_mask.to(text.dtype)
-        t = Stream(bb.cross_modal_text_transform(text) + bb.token_type_embeddings(torch.zeros_like(text_mask)),
-                   keep=keep_t, n0=keep_t.sum(1) - 1)
-        i = replace(image, x=bb.cross_modal_image_transform(image.x)
-                    + bb.token_type_embeddings(image_type)[:, None])
+        unpadded = bool(text_mask.all())
+        n0 = text.shape[1] - 1 if unpadded else keep_t.sum(1) - 1  # trimmable text tokens
+        t = Stream(bb.cross_modal_text_transform(text) + bb.token_type_embeddings.weight[0], keep=keep_t, n0=n0,
+                   dense=unpadded)
+        i = image.with_x(bb.cross_modal_image_transform(image.x) + bb.token_type_embeddings(image_type)[:, None])
         for layer, (text_layer, image_layer) in enumerate(zip(bb.cross_modal_text_layers,
                                                               bb.cross_modal_image_layers, strict=True)):
             c_t, c_i = t.x[:, 0], i.x[:, 0]  # previous-layer [CLS] of each stream
-            t = run.tokens(t, "text_tokens", layer, c_t, c_i, f"cross.text.{layer}.tokens", "text_tokens")
-            i = run.tokens(i, "image_tokens", layer, c_i, c_t, f"cross.image.{layer}.tokens", "vision_tokens")
-            t_msa = run.heads("text_msa_heads", layer, c_t, f"cross.text.{layer}.msa_heads")
-            t_mca = run.heads("text_mca_heads", layer, torch.cat([c_t, c_i], -1), f"cross.text.{layer}.mca_heads")
-            i_msa = run.heads("image_msa_heads", layer, c_i, f"cross.image.{layer}.msa_heads")
-            i_mca = run.heads("image_mca_heads", layer, torch.cat([c_i, c_t], -1),
-                              f"cross.image.{layer}.mca_heads")
+            g, f = run.guides(layer, c_t, c_i)  # inference: every guide network of the layer at once
+            t = run.tokens(t, "text_tokens", layer, c_t, c_i, f"cross.text.{layer}.tokens", "text_tokens",
+                           g.get("text_tokens"))
+            i = run.tokens(i, "image_tokens", layer, c_i, c_t, f"cross.image.{layer}.tokens", "vision_tokens",
+                           g.get("image_tokens"))
+            t_msa = run.heads("text_msa_heads", layer, c_t, f"cross.text.{layer}.msa_heads",
+                              g.get("text_msa_heads"), f.get("text_msa_heads"))
+            t_mca = run.heads("text_mca_heads", layer, (c_t, c_i), f"cross.text.{layer}.mca_heads",
+                              g.get("text_mca_heads"), f.get("text_mca_heads"))
+            i_msa = run.heads("image_msa_heads", layer, c_i, f"cross.image.{layer}.msa_heads",
+                              g.get("image_msa_heads"), f.get("image_msa_heads"))
+            i_mca = run.heads("image_mca_heads", layer, (c_i, c_t), f"cross.image.{layer}.mca_heads",
+                              g.get("image_mca_heads"), f.get("image_mca_heads"))
             t_keys, i_keys = t.key_mask(), i.key_mask()
             x_t = text_layer(t.x, i.x, t_keys, i_keys, t_msa, t_mca)
             x_i = image_layer(i.x, t.x, i_keys, t_keys, i_msa, i_mca)
-            t, i = replace(t, x=x_t), replace(i, x=x_i)
+            t, i = t.with_x(x_t), i.with_x(x_i)
         pooled = torch.cat([bb.cross_modal_text_pooler(t.x), bb.cross_modal_image_pooler(i.x)], dim=-1)
         return pooled, t, i
 
     def _summarize(self, run: _Run, batch_size: int, out: SmartTrimOutput) -> None:
-        """Per-module and per-group keep ratios per instance (NLVR2: mean of the two passes)."""
-        groups: dict[str, list[Tensor]] = {}
-        for name, (group, fraction, size) in run.records.items():
-            fraction = fraction.view(batch_size, -1).mean(1)
-            out.keep[name] = fraction
-            out.sizes[name] = size.view(batch_size, -1).float().mean(1)
-            groups.setdefault(group, []).append(fraction)
-        out.keep_groups = {g: torch.stack(v).mean(0) for g, v in groups.items()}
+        """Per-module and per-group keep ratios per instance (NLVR2: mean of the two passes), for every module at
+        once: token modules count their trimmable tokens (the prefix excluded), head modules their heads."""
+        out.keep, out.sizes, out.keep_groups = {}, {}, {}
+        if not run.records:
+            return
+        names = list(run.records)
+        rows = batch_size * (2 if self.config.task == "nlvr2" else 1)
+        groups = [run.records[n][0] for n in names]
+        if not any(isinstance(v, Tensor) for n in names for v in run.records[n][1:]):  # plain numbers: one op
+            recs = [run.records[n] for n in names]
+            frac = [(kept - (g != "heads")) / max(den, 1) for g, kept, den in recs]  # type: ignore[operator]
+            order = list(dict.fromkeys(groups))
+            means = [sum(f for f, g in zip(frac, groups, strict=True) if g == group) / groups.count(group)
+                     for group in order]
+            sizes = [float(kept) for _, kept, _ in recs]
+            values = torch.tensor([*frac, *sizes, *means], dtype=torch.float32)[:, None].expand(-1, batch_size)
+            rows_out, r = values.unbind(0), len(names)
+            out.keep = dict(zip(names, rows_out[:r], strict=True))
+            out.sizes = dict(zip(names, rows_out[r:2 * r], strict=True))
+            out.keep_groups = dict(zip(order, rows_out[2 * r:], strict=True))
+            return
+        kept = _stack_rows([run.records[n][1] for n in names], rows)  # (R, B')
+        denominator = _stack_rows([run.records[n][2] for n in names], rows)
+        prefix = torch.tensor([0.0 if g == "heads" else 1.0 for g in groups], device=kept.device)[:, None]
+        fraction = ((kept - prefix) / denominator.clamp(min=1)).view(len(names), batch_size, -1).mean(2)  # (R, B)
+        sizes = kept.view(len(names), batch_size, -1).mean(2)
+        for i, name in enumerate(names):
+            out.keep[name], out.sizes[name] = fraction[i], sizes[i]
+        for group in dict.fromkeys(groups):
+            index = [i for i, g in enumerate(groups) if g == group]
+            out.keep_groups[group] = fraction[index].mean(0)
+
+
+def _stack_rows(values: list[Tensor | int], width: int) -> Tensor:
+    """(R, width) float rows from (width,) tensors and plain numbers (broadcast); one op when all are numbers."""
+    if not any(isinstance(v, Tensor) for v in values):
+        return torch.tensor(values, dtype=torch.float32)[:, None].expand(-1, width)
+    device = next(v.device for v in values if isinstance(v, Tensor))
+    return torch.stack([v.float().reshape(-1).expand(width) if isinstance(v, Tensor)  # 0-d: a traced size
+                        else torch.full((width,), float(v), device=device) for v in values])
 
 
 def build_model(preset: str | ModelConfig = "meter-tiny", task: str = "vqa", num_labels: int | None = None,

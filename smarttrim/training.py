@@ -6,7 +6,8 @@ METER fine-tunes with AdamW (betas 0.9/0.98, weight decay 0.01 except biases and
 rate for the uni-modal encoders, x ``lr_mult_cross_modal`` for every ``cross_modal_*`` module and
 x ``lr_mult_head`` for the task head, warmup over 10% of the steps, then linear decay to 0. SmartTrim's
 trimmers are new modules like the head; they get ``lr_mult_trimmer`` (decisive scores |π| >> 1 make the
-deterministic eval decisions keep what the sampled training decisions kept, see ``smarttrim.demo``).
+deterministic eval decisions keep what the sampled training decisions kept: with scores near 0 the sampled
+masks are coin flips and the eval decisions, thresholds of the same scores, keep something else).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from torch import nn
 
 SCHEDULES = ("linear", "cosine", "constant")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 PARAM_KINDS = ("encoder", "cross_modal", "head", "trimmer")
 
 
@@ -50,7 +51,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Gradient clipping (None = off)."""
     precision: str = "fp32"
-    """``fp32`` or ``bf16`` (DeepSpeed bf16: bf16 weights and activations, fp32 master weights)."""
+    """``fp32``; ``bf16`` (DeepSpeed bf16: bf16 weights and activations, fp32 master weights, ZeRO >= 1);
+    ``bf16-mixed`` (fp32 weights, matmuls and convolutions in bf16 under ``torch.autocast``, DeepSpeed's
+    ``torch_autocast``; any ZeRO stage: 2x the fp32 matmul rate on CPUs with AVX512-BF16 or AMX)."""
     seed: int = 0
     log_every: int = 10
     """Steps per logged point of the training curves (means over those steps)."""

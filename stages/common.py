@@ -56,6 +56,15 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def instance_scores(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) score of each instance's argmax prediction: its VQA soft score (``labels`` (B, A) are the METER/ViLT
+    soft scores), else whether it is the label (NLVR2, SNLI-VE, ITM pairs)."""
+    pred = logits.argmax(-1)
+    if task == "vqa":
+        return labels.gather(1, pred[:, None])[:, 0].float()
+    return (pred == labels).float()
+
+
 def write_outputs(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
     """Write ``files`` (name -> writer of that path) into a temp dir, then swap it to ``out`` atomically."""
     tmp = temp_dir_beside(out)

@@ -9,7 +9,19 @@ removed), in batches; every sample of the split is read exactly once. Writes ``m
 
 VQA, NLVR2, SNLI-VE: one row per instance in ``predictions.jsonl`` (key, predicted label, its score, keep
 ratio per trimmer group). Metrics: VQA score (soft accuracy of the argmax answer against the shards'
-METER/ViLT soft scores, computed from officially normalized answers), NLVR2 and SNLI-VE accuracy.
+METER/ViLT soft scores, computed from officially normalized answers), NLVR2 and SNLI-VE accuracy, next to
+the shards' majority-answer and text-only baselines (the best answer per question text, from the shard
+manifest). Two checks of what the number means:
+
+* ``permuted_images``: every batch is evaluated again with its images rolled by one (each text gets another
+  instance's image): the metric then (a model that reads its image falls to about the text-only baseline)
+  and ``changed``, the share of predictions that change (about 0 for a model living on answer priors).
+  ``--no-permute-images`` skips it.
+* ``focus`` (built-in ``shapes`` vqa / snli_ve, whose scenes and referred objects are known): of the patches
+  the last visual token trimmer kept, the share that lies on the objects the text refers to (``precision``)
+  against the share of all patches that does (``chance``), their ratio (``lift``), and the share of those
+  objects' patches kept (``recall``); per instance in ``predictions.jsonl`` too. The untrimmed backbone
+  keeps every patch: lift 1.
 
 Retrieval (METER/ViLT protocol): the split is one gallery of I images and all T of their true captions. A
 pair's score is the ITM head's logit margin, logit(match) - logit(no match) (the log-odds of a match; it
@@ -41,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smarttrim.data import shapes
 from smarttrim.data.gallery import Gallery, read_gallery
 from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
 from smarttrim.io import load_model
@@ -49,6 +62,7 @@ from stages.common import (
     ModelDataConfig,
     StageOutputs,
     add_model_data_args,
+    instance_scores,
     resolve_device,
     stage_parser,
     to_device,
@@ -68,6 +82,8 @@ class EvaluateConfig(ModelDataConfig):
     rerank_k: int | None = None
     """Retrieval: ITM-score only each query's top-k candidates by uni-modal cosine similarity; None = every
     pair (the METER/ViLT protocol)."""
+    permute_images: bool = True
+    """VQA / NLVR2 / SNLI-VE: evaluate every batch again with its images permuted (``permuted_images``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,33 +134,102 @@ def _mean_keep(keep: dict[str, Tensor]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- classes
 def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict[str, Any], tokenizer: Any,
                       device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """VQA score / accuracy of the argmax label, per instance."""
+    """VQA score / accuracy of the argmax label per instance; the same with permuted images; focus of the trimming."""
     task, labels = manifest["task"], manifest["labels"]
     if model.config.num_labels != len(labels):
         raise ValueError(f"{cfg.model}: {model.config.num_labels} labels, the shards have {len(labels)}")
     loader = make_loader(cfg.shards, cfg.split, tokenizer, LoaderConfig(
         batch_size=cfg.batch_size, image_size=model.config.image_size, max_text_len=model.config.max_text_len))
+    focus = FocusMeter(model.config.image_size // model.config.patch_size) if _has_focus(manifest) else None
     rows: list[dict[str, Any]] = []
     keep: dict[str, list[Tensor]] = {}
     for batch in loader:
         if "labels" not in batch:
             raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no labels to evaluate against")
-        out = model(to_device(batch, device))
+        inputs = to_device(batch, device)
+        out = model(inputs)
         pred = out.logits.argmax(-1).cpu()
-        truth = batch["labels"]
-        scores = truth.gather(1, pred[:, None])[:, 0] if task == "vqa" else (pred == truth).float()
+        scores = instance_scores(task, out.logits.cpu(), batch["labels"])
+        permuted = permuted_predictions(model, inputs) if cfg.permute_images and len(pred) > 1 else None
+        permuted_scores = None if permuted is None else instance_scores(task, permuted, batch["labels"])
         for g, v in out.keep_groups.items():
             keep.setdefault(g, []).append(v.cpu())
         for i, key in enumerate(batch["keys"]):
-            rows.append({"key": key, "prediction": labels[int(pred[i])], "score": float(scores[i]),
-                         "keep": {g: float(v[i]) for g, v in out.keep_groups.items()}})
+            row: dict[str, Any] = {"key": key, "prediction": labels[int(pred[i])], "score": float(scores[i]),
+                                   "keep": {g: float(v[i]) for g, v in out.keep_groups.items()}}
+            if permuted is not None:
+                row["permuted"] = {"prediction": labels[int(permuted[i].argmax())],
+                                   "score": float(permuted_scores[i])}
+            if focus is not None:
+                row["focus"] = focus.add(batch["meta"][i], out.image_positions[i].cpu(), out.image_keep[i].cpu())
+            rows.append(row)
     if not rows:
         raise ValueError(f"{cfg.shards}: split {cfg.split!r} is empty")
-    return rows, {
+    measured: dict[str, Any] = {
         "metric": sum(r["score"] for r in rows) / len(rows), "instances": len(rows),
         "keep": _mean_keep({g: torch.cat(v) for g, v in keep.items()}),
         "majority_baseline": manifest.get("majority_baseline", {}).get("score", {}).get(cfg.split),
+        "text_only_baseline": manifest.get("text_only_baseline", {}).get("score", {}).get(cfg.split),
     }
+    permuted_rows = [r for r in rows if "permuted" in r]
+    if permuted_rows:
+        measured["permuted_images"] = {
+            "metric": sum(r["permuted"]["score"] for r in permuted_rows) / len(permuted_rows),
+            "changed": sum(r["permuted"]["prediction"] != r["prediction"] for r in permuted_rows) / len(permuted_rows),
+            "instances": len(permuted_rows),
+            "method": f"each batch of {cfg.batch_size} evaluated again with its images rolled by one (every "
+                      "instance gets another instance's image, the texts stay)"}
+    if focus is not None:
+        measured["focus"] = focus.summary()
+    return rows, measured
+
+
+def permuted_predictions(model: SmartTrimModel, inputs: dict[str, Any]) -> Tensor:
+    """(B, labels) logits of the batch with its images rolled by one: each text paired with another instance's
+    image (NLVR2: another image pair). A model that reads the image changes its answers; one living on the
+    text's answer prior does not."""
+    return model({**inputs, "pixel_values": inputs["pixel_values"].roll(1, 0)}).logits.float().cpu()
+
+
+def _has_focus(manifest: dict[str, Any]) -> bool:
+    """Focus is measured where each instance has one image whose scene and referred objects are known."""
+    return manifest.get("source") == "shapes" and manifest["task"] in ("vqa", "snli_ve")
+
+
+class FocusMeter:
+    """Does the text guide the trimming? Per instance: the patches the last visual token trimmer kept (the image
+    stream's surviving tokens) against the patches of the objects the text refers to (``meta["focus"]``,
+    ``shapes.focus_patches``). Instances whose text refers to no visible object are left out."""
+
+    def __init__(self, grid: int) -> None:
+        self.grid = grid
+        self.rows: list[tuple[int, int, int]] = []  # (patches kept, kept on focus objects, focus patches)
+
+    def add(self, meta: dict[str, Any], positions: Tensor, keep: Tensor) -> dict[str, int] | None:
+        focus = shapes.focus_patches(meta["scene"], meta.get("focus", []), self.grid)
+        if not focus.any():
+            return None
+        kept = positions[(keep > 0) & (positions > 0)] - 1  # patch indices (the [I_CLS] prefix left out)
+        on = int(focus[kept.numpy()].sum())
+        self.rows.append((len(kept), on, int(focus.sum())))
+        return {"kept": len(kept), "on_focus": on, "focus_patches": int(focus.sum())}
+
+    def summary(self) -> dict[str, Any]:
+        """``precision``: mean share of the kept patches that lie on focus objects; ``chance``: mean share of all
+        patches that do (what keeping patches at random gives); ``lift`` = precision / chance; ``recall``: mean
+        share of the focus objects' patches kept; means over instances with at least one kept patch."""
+        rows = [r for r in self.rows if r[0] > 0]
+        patches = self.grid * self.grid
+        if not rows:
+            return {"instances": 0, "instances_nothing_kept": len(self.rows)}
+        precision = sum(on / kept for kept, on, _ in rows) / len(rows)
+        chance = sum(f / patches for _, _, f in rows) / len(rows)
+        return {"precision": precision, "chance": chance, "lift": precision / chance,
+                "recall": sum(on / f for _, on, f in rows) / len(rows),
+                "kept_patches": sum(k for k, _, _ in rows) / len(rows), "patches": patches,
+                "instances": len(rows), "instances_nothing_kept": len(self.rows) - len(rows),
+                "coverage_rule": f"a patch is on an object when >= {shapes.FOCUS_COVERAGE:.0%} of it lies in the "
+                                 "object's bounding circle"}
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -304,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerank-k", type=int, default=None,
                         help="retrieval: ITM-score only each query's top K candidates by uni-modal cosine "
                              "similarity (default: every image-text pair)")
+    parser.add_argument("--no-permute-images", dest="permute_images", action="store_false",
+                        help="skip the second pass with permuted images")
     args = parser.parse_args(argv)
     try:
         result = run(EvaluateConfig(**vars(args)))
@@ -315,7 +402,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.out}: mean_recall {m['metric']:.4f} (image->text R@1 {m['tr_r1']:.4f}, text->image R@1 "
               f"{m['ir_r1']:.4f}) on {m['images']} images, {m['texts']} captions, {m['pairs_scored']} pairs scored")
     else:
-        print(f"{result.out}: {m['metric_name']} {m['metric']:.4f} on {m['instances']} {m['split']} instances")
+        line = f"{result.out}: {m['metric_name']} {m['metric']:.4f} on {m['instances']} {m['split']} instances"
+        for name in ("majority_baseline", "text_only_baseline"):
+            if m.get(name) is not None:
+                line += f"; {name.replace('_', ' ')} {m[name]:.4f}"
+        if "permuted_images" in m:
+            p = m["permuted_images"]
+            line += f"; images permuted: {p['metric']:.4f}, {p['changed']:.0%} of the predictions change"
+        if m.get("focus", {}).get("instances"):
+            f = m["focus"]
+            line += (f"; kept patches on the objects the text names: {f['precision']:.0%} (chance {f['chance']:.0%}, "
+                     f"lift {f['lift']:.2f}), {f['recall']:.0%} of those objects' patches kept")
+        print(line)
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from smarttrim.config import TASK_NUM_LABELS, TrimConfig
-from smarttrim.data.loader import read_manifest
+from smarttrim.data.loader import PRETRAIN_TASKS, read_manifest
 from smarttrim.io import read_config
 from smarttrim.training import TrainConfig
 from stages.common import StageOutputs, apply_overrides, stage_parser, write_outputs
@@ -49,15 +49,22 @@ class FinetuneError(RuntimeError):
 def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fail before starting Ray: shards readable, task trainable, init model readable."""
     manifest = read_manifest(cfg.shards)
-    if manifest["task"] not in TASK_NUM_LABELS:
+    if cfg.objective == "pretrain":
+        if manifest["task"] not in PRETRAIN_TASKS:
+            raise ValueError(f"{cfg.shards}: task {manifest['task']!r} holds no image-caption pairs to pre-train on "
+                             f"(one of {PRETRAIN_TASKS})")
+    elif manifest["task"] not in TASK_NUM_LABELS:
         raise ValueError(f"{cfg.shards}: task {manifest['task']!r} cannot be fine-tuned (one of "
                          f"{sorted(TASK_NUM_LABELS)})")
     if cfg.train_split not in manifest["splits"]:
         raise ValueError(f"{cfg.shards}: no split {cfg.train_split!r} (has {sorted(manifest['splits'])})")
     if cfg.init is not None:
         read_config(cfg.init)
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
-        raise FileNotFoundError(f"{cfg.pretrained}: no such METER checkpoint file")
+    if cfg.pretrained is not None:
+        if Path(cfg.pretrained).is_dir():
+            read_config(cfg.pretrained)
+        elif not Path(cfg.pretrained).is_file():
+            raise FileNotFoundError(f"{cfg.pretrained}: no such model directory or METER checkpoint file")
     return manifest
 
 
@@ -82,28 +89,47 @@ def _trainer(cfg: FinetuneConfig) -> Any:
 
 
 def _plot(history: list[dict[str, float]], path: Path) -> None:
+    """The curves: loss parts, the periodic validation, keep ratios against γ (SmartTrim only), learning rates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in history]
     keys = sorted({k for r in history for k in r})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for k in ("loss", "task", "cost", "sd"):
-        if k in keys:
-            axes[0].plot(steps, [r[k] for r in history], label=k)
-    axes[0].set(title="loss parts", xlabel="step", yscale="log")
-    for k in (k for k in keys if k.startswith("keep/")):
-        line, = axes[1].plot(steps, [r[k] for r in history], label=k[5:])
-        gamma = f"gamma/{k[5:]}"
-        if gamma in keys:
-            axes[1].plot(steps, [r[gamma] for r in history], "--", color=line.get_color(), label=f"γ {k[5:]}")
-    axes[1].set(title="keep ratio (training path) and target γ", xlabel="step", ylim=(0, 1.05))
-    for k in (k for k in keys if k.startswith("lr/")):
-        axes[2].plot(steps, [r[k] for r in history], label=k[3:])
-    axes[2].set(title="learning rate", xlabel="step", yscale="log")
-    for ax in axes:
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        rows = [r for r in history if key in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    panels = ["loss"]
+    if any(k.startswith("val/") and not k.startswith("val/keep/") for k in keys):
+        panels.append("val")
+    if any(k.startswith("keep/") for k in keys):
+        panels.append("keep")
+    panels.append("lr")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "loss":
+            for k in ("loss", "task", "cost", "sd", "itm", "mlm"):
+                if k in keys:
+                    ax.plot(*series(k), label=k)
+            ax.set(title="loss parts (training)", xlabel="step", yscale="log")
+        elif panel == "val":
+            for k in (k for k in keys if k.startswith("val/") and not k.startswith("val/keep/")):
+                ax.plot(*series(k), "o-", label=k[4:])
+            ax.set(title="validation (fixed subset, eval mode)", xlabel="step")
+        elif panel == "keep":
+            for k in (k for k in keys if k.startswith("keep/")):
+                line, = ax.plot(*series(k), label=f"{k[5:]} (train)")
+                if f"gamma/{k[5:]}" in keys:
+                    ax.plot(*series(f"gamma/{k[5:]}"), "--", color=line.get_color(), label=f"γ {k[5:]}")
+                if f"val/{k}" in keys:
+                    ax.plot(*series(f"val/{k}"), "o", color=line.get_color(), label=f"{k[5:]} (val, eval)")
+            ax.set(title="keep ratio and target γ", xlabel="step", ylim=(0, 1.05))
+        else:
+            for k in (k for k in keys if k.startswith("lr/")):
+                ax.plot(*series(k), label=k[3:])
+            ax.set(title="learning rate", xlabel="step", yscale="log")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -194,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="micro-batch per worker")
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--lr", type=float, help="peak learning rate of the encoders")
-    parser.add_argument("--precision", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", choices=("fp32", "bf16", "bf16-mixed"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")

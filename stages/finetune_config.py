@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from smarttrim.checkpoints import load_meter_checkpoint
-from smarttrim.config import TASK_NUM_LABELS, TrimConfig, model_config
-from smarttrim.data.loader import EpochPlan, LoaderConfig, plan_epoch
+from smarttrim.checkpoints import load_meter_checkpoint, load_pretrained, pretrained_config
+from smarttrim.config import TASK_NUM_LABELS, ModelConfig, TrimConfig, model_config
+from smarttrim.data.loader import OBJECTIVES, EpochPlan, LoaderConfig, plan_epoch
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
+from smarttrim.pretraining import PretrainModel
 from smarttrim.training import TrainConfig
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
@@ -24,7 +25,7 @@ DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 and precision fields are ``"auto"`` and filled from the ``TrainConfig``."""
 
 TRAINING_FIELDS = ("shards", "train_split", "preset", "init", "pretrained", "dropout", "image_size", "trim", "train",
-                   "num_workers", "deepspeed", "tokenizer")
+                   "num_workers", "deepspeed", "tokenizer", "objective")
 """The fields that decide what is trained: a checkpoint resumes only a run with the same values."""
 
 
@@ -39,11 +40,16 @@ class FinetuneConfig:
     preset: str = "meter-tiny"
     """Model preset when starting from scratch (ignored with ``init``)."""
     init: str | None = None
-    """An exported model directory to start from: its backbone and head weights are loaded, trimmers start
-    at stable init (the paper's recipe: SmartTrim fine-tunes an already fine-tuned backbone)."""
+    """An exported model of the same task to continue from: its backbone and head weights are loaded, trimmers
+    start at stable init (e.g. SmartTrim from the fine-tuned backbone instead of the pretrained model)."""
     pretrained: str | None = None
-    """An official METER checkpoint (``.ckpt``, pre-training or fine-tuned) loaded into the preset model
-    (``smarttrim.checkpoints.load_meter_checkpoint``); not with ``init``."""
+    """A pre-trained starting point, not with ``init``: a model directory of ours (``stages.pretrain``'s
+    export: its architecture, its backbone weights, a new task head; ``load_pretrained``) or an official
+    METER checkpoint (``.ckpt``, loaded into the preset model by ``load_meter_checkpoint``). The paper's
+    recipe: the backbone and SmartTrim are both fine-tuned once from the pre-trained model."""
+    objective: str = "task"
+    """``task``: fine-tune on the shards' task; ``pretrain``: METER's MLM + ITM on image-caption shards
+    (``stages.pretrain``; the model is the retrieval model plus an MLM head)."""
     dropout: float | None = None
     """Override of the model's dropout (None = the preset's, or the init model's)."""
     image_size: int | None = None
@@ -76,6 +82,12 @@ class FinetuneConfig:
     run name resumes from the run's latest checkpoint."""
     tokenizer: str | None = None
     """Tokenizer directory; None = the shards' tokenizer."""
+    val_split: str | None = "val"
+    """Split of the periodic validation (None: none); a split the shards lack is skipped with a note."""
+    val_every: int | None = None
+    """Steps between validations of a fixed subset (the curves' task metric); None = at every checkpoint."""
+    val_samples: int = 256
+    """Size of that subset (the split's first samples)."""
     stop_at: int | None = None
     """Pause after this step: checkpoint and export there; a later run of the same config with a larger
     ``stop_at`` (or None: to the end) continues from it. The schedule is the full run's either way (not part
@@ -97,6 +109,14 @@ class FinetuneConfig:
                              f"{self.train.log_every} (a resumed run's curve then lines up with its checkpoint)")
         if self.init is not None and self.pretrained is not None:
             raise ValueError(f"init={self.init!r} and pretrained={self.pretrained!r}: give one starting point")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: must be one of {OBJECTIVES}")
+        if self.objective == "pretrain" and self.trim is not None:
+            raise ValueError("objective='pretrain' trains the backbone: trim must be None")
+        if self.val_every is not None and self.val_every < 1:
+            raise ValueError(f"val_every={self.val_every!r}: must be >= 1 or None")
+        if self.val_samples < 1:
+            raise ValueError(f"val_samples={self.val_samples!r}: must be >= 1")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1) or None")
         if self.trim is not None and not isinstance(self.trim, TrimConfig):
@@ -173,6 +193,13 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"deepspeed={cfg.deepspeed!r}: bf16.enabled={bf16['enabled']!r} contradicts "
                          f"precision={t.precision!r}")
     bf16["enabled"] = t.precision == "bf16"
+    autocast = ds.setdefault("torch_autocast", {"enabled": "auto"})
+    if autocast.get("enabled", "auto") not in ("auto", t.precision == "bf16-mixed"):
+        raise ValueError(f"deepspeed={cfg.deepspeed!r}: torch_autocast.enabled={autocast['enabled']!r} contradicts "
+                         f"precision={t.precision!r}")
+    autocast["enabled"] = t.precision == "bf16-mixed"
+    if autocast["enabled"]:
+        autocast.setdefault("dtype", "bfloat16")
     ds.setdefault("zero_optimization", {"stage": 0})
     stage = ds["zero_optimization"].get("stage", 0)
     if stage not in (0, 1, 2):
@@ -190,15 +217,30 @@ def num_labels(manifest: dict[str, Any]) -> int:
     return TASK_NUM_LABELS[task] or len(manifest["labels"])
 
 
-def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartTrimModel:
-    """The model training starts from: ``cfg.init``'s backbone (+ fresh trimmers) or a new preset model."""
-    task = manifest["task"]
+def model_task(cfg: FinetuneConfig, manifest: dict[str, Any]) -> tuple[str, int]:
+    """(task, label count) of the model trained on these shards: pre-training builds the ITM (retrieval) model."""
+    if cfg.objective == "pretrain":
+        return "retrieval", 2
+    return manifest["task"], num_labels(manifest)
+
+
+def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartTrimModel | PretrainModel:
+    """The model training starts from: ``cfg.init``'s backbone and head (+ fresh trimmers), or a new model of the
+    preset or of the ``pretrained`` directory's architecture with the pre-trained weights loaded."""
+    task, labels = model_task(cfg, manifest)
+    if cfg.objective == "pretrain":
+        mcfg = _new_config(cfg, task, labels)
+        model = PretrainModel(mcfg)
+        if cfg.init is not None or cfg.pretrained is not None:  # continue pre-training a model of ours
+            start = cfg.init or cfg.pretrained
+            load_pretrained(model.vlm, start) if Path(start).is_dir() else load_meter_checkpoint(model.vlm, start)
+        return model
     if cfg.init is not None:
         source = load_model(cfg.init)
         mcfg = source.config
-        if mcfg.task != task or mcfg.num_labels != num_labels(manifest):
+        if mcfg.task != task or mcfg.num_labels != labels:
             raise ValueError(f"{cfg.init}: model is {mcfg.task} with {mcfg.num_labels} labels, the shards are "
-                             f"{task} with {num_labels(manifest)}")
+                             f"{task} with {labels}; start from it with pretrained= (a new task head)")
         if cfg.image_size is not None and cfg.image_size != mcfg.image_size:
             raise ValueError(f"image_size={cfg.image_size}: the init model {cfg.init} was trained at {mcfg.image_size}")
         if cfg.dropout is not None:
@@ -206,14 +248,28 @@ def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartT
         model = SmartTrimModel(mcfg, cfg.trim)
         model.load_backbone_state_dict(source.backbone_state_dict())
         return model
+    model = SmartTrimModel(_new_config(cfg, task, labels), cfg.trim)
+    if cfg.pretrained is not None:
+        if Path(cfg.pretrained).is_dir():
+            load_pretrained(model, cfg.pretrained)
+        else:
+            load_meter_checkpoint(model, cfg.pretrained)
+    return model
+
+
+def _new_config(cfg: FinetuneConfig, task: str, labels: int) -> ModelConfig:
+    """A new model's config: the ``pretrained`` directory's architecture, else the preset's; with the run's
+    image size and dropout overrides."""
     overrides: dict[str, Any] = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     if cfg.image_size is not None:
         overrides["image_size"] = cfg.image_size
-    model = SmartTrimModel(model_config(cfg.preset, task=task, num_labels=num_labels(manifest), **overrides),
-                           cfg.trim)
-    if cfg.pretrained is not None:
-        load_meter_checkpoint(model, cfg.pretrained)
-    return model
+    if cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
+        mcfg = pretrained_config(cfg.pretrained, task, labels, **overrides)
+        if mcfg.name != cfg.preset:
+            raise ValueError(f"pretrained={cfg.pretrained!r} is a {mcfg.name!r} model, preset={cfg.preset!r}: "
+                             f"set the preset to {mcfg.name!r}")
+        return mcfg
+    return model_config(cfg.preset, task=task, num_labels=labels, **overrides)
 
 
 def epoch_schedule(cfg: FinetuneConfig, manifest: dict[str, Any], base: LoaderConfig,
@@ -237,4 +293,4 @@ def epoch_schedule(cfg: FinetuneConfig, manifest: dict[str, Any], base: LoaderCo
 
 
 __all__ = ["DEEPSPEED_DIR", "FinetuneConfig", "build_initial_model", "deepspeed_config", "epoch_schedule",
-           "load_deepspeed_json", "num_labels"]
+           "load_deepspeed_json", "model_task", "num_labels"]

@@ -1,13 +1,26 @@
-"""Profile stage: per-instance FLOPs (the paper's protocol) and latency of an exported model.
+"""Profile stage: per-instance FLOPs (the paper's protocol), and latency and throughput side by side with the backbone.
 
     python -m stages.profile --model runs/x/model --shards data/shapes-vqa --split val --out runs/x/profile
 
 * FLOPs: torchprofile MACs of every instance of an evaluation subset, one unpadded instance at a time, on
   the inference (pruning) path: mean, median, min/max, a histogram (the paper's Figure 7) and the ratio to
   the untrimmed backbone (the same weights without trimmers) on the same instances.
-* Latency: single-instance median and p90 over the same subset after warm-up, and batched throughput;
-  fixed CPU threads, CUDA synchronized when on GPU. Every figure is recorded with its device, threads and
+* Latency and throughput, side by side: absolute milliseconds from separate runs are not comparable on a
+  shared machine, so the model and its untrimmed backbone are timed interleaved in one process, on the
+  same instances, with the same threads: after warm-up of both, each instance (and each batch of
+  ``--batch-size``) is run by the model and the backbone back to back, the model first on even instances
+  and the backbone first on odd ones, and the whole pass is repeated ``--repeats`` times. CUDA is
+  synchronized around every timed call when on GPU. Every figure is recorded with its device, threads and
   batch size.
+* A model without trimmers is timed against its backbone all the same (two module objects with equal
+  weights): its speedups then measure the noise floor of the method (about 1.0).
+
+``profile.json`` keys: ``flops`` (above), ``latency_ms_bs1`` and ``backbone_latency_ms_bs1`` (mean, median,
+p90 over all timed single-instance runs), ``throughput`` (the model's instances per second on the batches)
+and ``backbone_throughput``, and ``speedup``: backbone / model mean latency (``latency_bs1``; the mean is what
+the mean FLOPs predict), the ratio of medians (``latency_bs1_median``), model / backbone throughput, backbone
+/ model mean MACs (``flops``), each speedup over the FLOPs reduction (``latency_efficiency``,
+``throughput_efficiency``: 1.0 when time falls as fast as FLOPs) and the ``method``.
 
 Writes ``profile.json`` and ``flops_hist.png`` into ``--out`` (atomically: a temp dir, then a swap).
 """
@@ -18,9 +31,11 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,10 +61,13 @@ class ProfileConfig(ModelDataConfig):
     batch_size: int = 32
     """Batch size of the throughput measurement."""
     warmup: int = 3
+    """Warm-up instances (and batches) of each of the model and the backbone before timing."""
+    repeats: int = 3
+    """Interleaved timing passes over the subset (and over the batches)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("instances", "batch_size"):
+        for name in ("instances", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
         if self.warmup < 0:
@@ -61,6 +79,19 @@ def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
     backbone = SmartTrimModel(model.config, None)
     backbone.load_backbone_state_dict(model.backbone_state_dict())
     return backbone.eval()
+
+
+def backbone_flops(backbone: SmartTrimModel, singles: list[dict[str, Any]]) -> list[int]:
+    """torchprofile MACs of the untrimmed backbone per instance. Its work depends on the input's shape alone (the
+    images have one size; the text length varies), so each distinct text length is traced once."""
+    by_length: dict[int, int] = {}
+    out = []
+    for one in singles:
+        n = int(one["attention_mask"][0].sum())
+        if n not in by_length:
+            by_length[n] = count_flops(backbone, one)
+        out.append(by_length[n])
+    return out
 
 
 def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -79,7 +110,8 @@ def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str
     return singles[: cfg.instances], batches
 
 
-def _timed(fn: Any, device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall milliseconds of ``fn()``, CUDA synchronized before and after when on GPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -87,6 +119,47 @@ def _timed(fn: Any, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1000
+
+
+T = TypeVar("T")
+
+
+def interleaved_times(fns: Sequence[Callable[[T], object]], inputs: Sequence[T], repeats: int,
+                      timer: Callable[[Callable[[], object]], float]) -> list[list[float]]:
+    """Time (``timer(thunk)``) every function on every input, back to back per input: in ``fns`` order on even
+    inputs, reversed on odd ones (so neither is favoured by caches or clock ramps), the pass ``repeats`` times.
+
+    Returns one list per function: its ``repeats * len(inputs)`` times (``timer`` units), pass after pass."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, x in enumerate(inputs):
+            order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+            for f in order:
+                times[f].append(timer(lambda f=f, x=x: fns[f](x)))
+    return times
+
+
+def _latency_stats(times: list[float]) -> dict[str, float | int]:
+    """Mean, median and p90 (ms) of single-instance times."""
+    return {"median": statistics.median(times), "p90": sorted(times)[int(0.9 * (len(times) - 1))],
+            "mean": statistics.fmean(times), "batch_size": 1}
+
+
+def _side_by_side(cfg: ProfileConfig, models: Sequence[SmartTrimModel], singles: list[dict[str, Any]],
+                  batches: list[dict[str, Any]], device: torch.device) -> tuple[list[list[float]], list[list[float]]]:
+    """Warm up every model, then time them interleaved: single-instance times, then batch times (ms)."""
+    fns = [lambda x, m=m: m(to_device(x, device)) for m in models]
+    timer = partial(_timed, device=device)
+    with torch.inference_mode():
+        for fn in fns:
+            for one in singles[: cfg.warmup]:
+                fn(one)
+        single = interleaved_times(fns, singles, cfg.repeats, timer)
+        for fn in fns:
+            for batch in batches[:1] * cfg.warmup:
+                fn(batch)
+        batched = interleaved_times(fns, batches, cfg.repeats, timer)
+    return single, batched
 
 
 def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> None:
@@ -117,17 +190,18 @@ def run(cfg: ProfileConfig) -> StageOutputs:
         raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no instances to profile")
     backbone = backbone_of(model)
     macs = [count_flops(model, one) for one in singles]
-    backbone_macs = [count_flops(backbone, one) for one in singles]
+    backbone_macs = backbone_flops(backbone, singles)
 
     model.to(device)
-    with torch.inference_mode():
-        for one in singles[: cfg.warmup]:
-            model(to_device(one, device))
-        latency = [_timed(lambda one=one: model(to_device(one, device)), device) for one in singles]
-        for batch in batches[:1] * cfg.warmup:
-            model(to_device(batch, device))
-        batched = [(len(b["keys"]), _timed(lambda b=b: model(to_device(b, device)), device)) for b in batches]
-    n_batched = sum(n for n, _ in batched)
+    backbone.to(device)
+    (latency, backbone_latency), (batched, backbone_batched) = _side_by_side(
+        cfg, [model, backbone], singles, batches, device)
+    n_batched = sum(len(b["keys"]) for b in batches)
+    per_s = n_batched * cfg.repeats / (sum(batched) / 1000)
+    backbone_per_s = n_batched * cfg.repeats / (sum(backbone_batched) / 1000)
+    lat, backbone_lat = _latency_stats(latency), _latency_stats(backbone_latency)
+    flops_speedup = statistics.fmean(backbone_macs) / statistics.fmean(macs)
+    latency_speedup, throughput_speedup = backbone_lat["mean"] / lat["mean"], per_s / backbone_per_s
     metrics = {
         "model": str(cfg.model), "shards": str(cfg.shards), "split": cfg.split, "instances": len(singles),
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -139,10 +213,18 @@ def run(cfg: ProfileConfig) -> StageOutputs:
             "ratio_to_backbone": statistics.fmean(macs) / statistics.fmean(backbone_macs),
             "per_instance": dict(zip([one["keys"][0] for one in singles], macs, strict=True)),
         },
-        "latency_ms_bs1": {"median": statistics.median(latency),
-                           "p90": sorted(latency)[int(0.9 * (len(latency) - 1))], "batch_size": 1},
-        "throughput": {"instances_per_s": n_batched / (sum(t for _, t in batched) / 1000),
-                       "batch_size": cfg.batch_size, "instances": n_batched},
+        "latency_ms_bs1": lat,
+        "backbone_latency_ms_bs1": backbone_lat,
+        "throughput": {"instances_per_s": per_s, "batch_size": cfg.batch_size, "instances": n_batched},
+        "backbone_throughput": {"instances_per_s": backbone_per_s},
+        "speedup": {
+            "latency_bs1": latency_speedup, "latency_bs1_median": backbone_lat["median"] / lat["median"],
+            "throughput": throughput_speedup, "flops": flops_speedup,
+            "latency_efficiency": latency_speedup / flops_speedup,
+            "throughput_efficiency": throughput_speedup / flops_speedup,
+            "method": f"interleaved in one process: same instances, same threads, alternating order, "
+                      f"{cfg.repeats} passes",
+        },
         "config": asdict(cfg),
     }
     title = f"{model.config.name} / {cfg.split}: {len(macs)} instances"
@@ -158,16 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     add_model_data_args(parser)
     parser.add_argument("--instances", type=int, default=100, help="evaluation subset size")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput run")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up instances (and batches) of each model")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing passes")
     args = parser.parse_args(argv)
     try:
         result = run(ProfileConfig(**vars(args)))
     except (ValueError, FileNotFoundError) as err:
         print(f"profile: error: {err}", file=sys.stderr)
         return 1
-    f, lat = result.metrics["flops"], result.metrics["latency_ms_bs1"]
-    print(f"{result.out}: {f['mean'] / 1e9:.4f} GMACs mean ({f['ratio_to_backbone']:.2f}x backbone), "
-          f"latency {lat['median']:.1f} ms median, {result.metrics['throughput']['instances_per_s']:.1f}/s batched")
+    f, lat, sp = result.metrics["flops"], result.metrics["latency_ms_bs1"], result.metrics["speedup"]
+    print(f"{result.out}: {f['mean'] / 1e9:.4f} GMACs mean, {sp['flops']:.2f}x fewer MACs, "
+          f"bs1 latency {sp['latency_bs1']:.2f}x faster ({lat['median']:.1f} ms median), batched throughput "
+          f"{sp['throughput']:.2f}x ({result.metrics['throughput']['instances_per_s']:.1f}/s) "
+          f"(interleaved with its backbone)")
     return 0
 
 

@@ -19,6 +19,7 @@ same inputs (same fingerprint in the manifest) is a no-op. Splits are sharded in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -48,6 +49,8 @@ SOURCES: dict[str, str | None] = {
 }
 """Source -> the task it serves (None: chosen with ``--task``; Karpathy splits also serve ``caption``)."""
 CLASS_LABELS: dict[str, tuple[str, ...]] = {"nlvr2": NLVR2_LABELS, "snli_ve": SNLI_VE_LABELS}
+SHAPES_TOKENIZER_TEXTS = 2000
+"""Texts per shapes flavor (train split, seed 0) the built-in tokenizer is trained on."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,12 @@ def iter_source(cfg: ShardConfig, split: str) -> Iterator[Sample | BadRecord]:
             return
 
 
+@functools.cache
+def shapes_tokenizer_corpus() -> tuple[str, ...]:
+    """The texts the built-in shapes tokenizer is trained on: ``SHAPES_TOKENIZER_TEXTS`` per flavor, seed 0."""
+    return tuple(shapes.all_texts(seed=0, n_per_task=SHAPES_TOKENIZER_TEXTS))
+
+
 def fingerprint(cfg: ShardConfig) -> str:
     """Content hash of the config (minus ``out``/``workers``) and the source's annotation files' stats.
 
@@ -152,7 +161,8 @@ def fingerprint(cfg: ShardConfig) -> str:
     h = hashlib.sha256()
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "workers")}
     h.update(json.dumps({"format_version": FORMAT_VERSION, "config": conf,
-                         "generator": getattr(shapes, "GENERATOR_VERSION", 1)}, sort_keys=True).encode())
+                         "generator": shapes.GENERATOR_VERSION, "shapes_tokenizer": SHAPES_TOKENIZER_TEXTS},
+                        sort_keys=True).encode())
     if cfg.root:
         root = Path(cfg.root)
         for file in sorted(root.glob("*.json*")) if root.is_dir() else []:
@@ -218,6 +228,8 @@ class SplitResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     label_scores: list[dict[str, float]] = field(default_factory=list)
     """Per sample: label id (str) -> score (VQA soft scores; 1.0 for the class of NLVR2 / SNLI-VE)."""
+    questions: list[str] = field(default_factory=list)
+    """Per labelled sample: the text evaluation reads (its first), aligned with ``label_scores``."""
     texts: list[str] = field(default_factory=list)
 
 
@@ -248,6 +260,9 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int])
                 result.label_scores.append(info["scores"])
             elif "label_id" in info:
                 result.label_scores.append({str(info["label_id"]): 1.0})
+            else:
+                continue
+            result.questions.append(item.texts[0])
             result.texts.extend(item.texts)
     for file in sorted(Path(tmp).glob(f"{split}-*.tar")):
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
@@ -282,17 +297,60 @@ def label_vocabulary(cfg: ShardConfig, splits: tuple[str, ...]) -> list[str]:
     return readers.answer_vocabulary(answers, cfg.vqa_min_count)
 
 
-def majority_baseline(results: list[SplitResult]) -> dict[str, Any]:
-    """The first split's most frequent label (by total score) and its score on every split."""
-    if not results or not results[0].label_scores:
-        return {}
+def reference_split(results: list[SplitResult]) -> SplitResult | None:
+    """The split the answer-prior baselines are fitted on: the first labelled one named ``train*`` (``train``,
+    ``train2014``), else the first labelled one; None when no split has labels."""
+    labelled = [r for r in results if r.label_scores]
+    return next((r for r in labelled if r.split.startswith("train")), labelled[0] if labelled else None)
+
+
+def _best_label(score_dicts: list[dict[str, float]]) -> str:
+    """The label with the highest total score (ties: the smallest id, so the result is deterministic)."""
     totals: Counter[str] = Counter()
-    for scores in results[0].label_scores:
+    for scores in score_dicts:
         totals.update(scores)
-    best = totals.most_common(1)[0][0]
-    return {"label_id": int(best), "score": {r.split: (sum(s.get(best, 0.0) for s in r.label_scores)
-                                                       / max(1, len(r.label_scores))) for r in results
-                                             if r.label_scores}}
+    return min(totals, key=lambda k: (-totals[k], int(k)))
+
+
+def majority_baseline(results: list[SplitResult]) -> dict[str, Any]:
+    """Always answering the reference split's most frequent label (by total score): its score on every split."""
+    ref = reference_split(results)
+    if ref is None:
+        return {}
+    best = _best_label(ref.label_scores)
+    return {"label_id": int(best), "fitted_on": ref.split,
+            "score": {r.split: (sum(s.get(best, 0.0) for s in r.label_scores) / len(r.label_scores))
+                      for r in results if r.label_scores}}
+
+
+def normalize_question(text: str) -> str:
+    """The key a text-only baseline groups questions by: lowercase, single spaces."""
+    return " ".join(text.lower().split())
+
+
+def text_only_baseline(results: list[SplitResult]) -> dict[str, Any]:
+    """The best a model can do from the text alone, as an answer prior: for each distinct (normalized) question
+    text of the reference split, its most frequent label there; a text never seen there gets the majority label.
+
+    Scored on every split (VQA: mean soft score; NLVR2 / SNLI-VE: accuracy), with ``coverage``: the share of the
+    split's questions whose text occurs in the reference split. A model that beats it uses the image."""
+    ref = reference_split(results)
+    if ref is None:
+        return {}
+    by_text: dict[str, list[dict[str, float]]] = {}
+    for text, scores in zip(ref.questions, ref.label_scores, strict=True):
+        by_text.setdefault(normalize_question(text), []).append(scores)
+    answer = {text: _best_label(group) for text, group in by_text.items()}
+    fallback = _best_label(ref.label_scores)
+    score, coverage = {}, {}
+    for r in results:
+        if not r.label_scores:
+            continue
+        keys = [normalize_question(t) for t in r.questions]
+        score[r.split] = sum(s.get(answer.get(k, fallback), 0.0) for k, s in zip(keys, r.label_scores, strict=True)
+                             ) / len(r.label_scores)
+        coverage[r.split] = sum(k in answer for k in keys) / len(keys)
+    return {"fitted_on": ref.split, "distinct_texts": len(answer), "score": score, "coverage": coverage}
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -330,16 +388,19 @@ def run(cfg: ShardConfig) -> ShardOutputs:
         for r in results:
             _count_shard_samples(r, cfg.shard_size)
         tokenizer = cfg.tokenizer and str(Path(cfg.tokenizer).resolve())
-        if cfg.source == "shapes":
+        if cfg.source == "shapes" and not cfg.tokenizer:
             from smarttrim.data.tokenizer import train_tokenizer  # only shapes trains its tokenizer
 
-            train_tokenizer((t for r in results[:1] for t in r.texts), tmp / "tokenizer")
+            # on the texts of every flavor (one generator seed): every shapes shard set, whatever its flavor and
+            # seed, gets the same tokenizer, so a model pretrained on shapes captions reads shapes questions
+            train_tokenizer(shapes_tokenizer_corpus(), tmp / "tokenizer")
             tokenizer = "tokenizer"
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp, "source": cfg.source,
             "task": cfg.resolved_task, "config": dataclasses.asdict(cfg),
             "splits": {r.split: {"samples": r.samples, "shards": r.shards} for r in results},
             "labels": list(labels), "majority_baseline": majority_baseline(results),
+            "text_only_baseline": text_only_baseline(results),
             "skipped": [s for r in results for s in r.skipped], "tokenizer": tokenizer,
         }
         text = json.dumps(manifest, indent=2) + "\n"

@@ -34,8 +34,9 @@ import torch
 from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
 from smarttrim.io import save_pretrained
 from smarttrim.model import GROUPS, SmartTrimModel
+from smarttrim.pretraining import PretrainModel, pretrain_accuracy, save_pretrain
 from smarttrim.training import lr_lambda, param_groups
-from stages.common import to_device
+from stages.common import instance_scores, to_device
 from stages.finetune_config import FinetuneConfig, build_initial_model, deepspeed_config, epoch_schedule
 
 CHECKPOINT_TAG = "deepspeed"
@@ -134,6 +135,81 @@ def export_state(engine: Any, bf16: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def export_model(module: SmartTrimModel | PretrainModel, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """The exported model directory from the full fp32 state dict: a task model (``save_pretrained``) or, for
+    pre-training, the ITM model plus its MLM head (``save_pretrain``)."""
+    if isinstance(module, PretrainModel):
+        export = PretrainModel(module.config)
+        export.load_state_dict(weights)
+        save_pretrain(export, path, extra={"tokenizer": "tokenizer"})
+        return
+    export = SmartTrimModel(module.config, module.trim_config)
+    export.load_state_dict(weights)
+    save_pretrained(export, path, extra={"tokenizer": "tokenizer"})
+
+
+@dataclass
+class Validation:
+    """The periodic validation of a fine-tuning (rank 0): a fixed subset of the validation split, the model in
+    eval mode (the pruning path for SmartTrim), the task metric and keep ratios (pre-training: ITM and MLM
+    accuracy) merged into the curve at that step as ``val/*``."""
+
+    batches: list[dict[str, Any]]
+    task: str
+    every: int | None
+    checkpoint_every: int
+
+    @staticmethod
+    def build(cfg: FinetuneConfig, manifest: dict[str, Any], tokenizer: Any,
+              model: SmartTrimModel | PretrainModel) -> Validation | None:
+        if cfg.val_split is None or cfg.val_split not in manifest["splits"]:
+            return None
+        loader = make_loader(cfg.shards, cfg.val_split, tokenizer, LoaderConfig(
+            batch_size=min(64, cfg.val_samples), image_size=model.config.image_size,
+            max_text_len=model.config.max_text_len, objective=cfg.objective, rank=0, world_size=1))
+        batches, n = [], 0
+        for batch in loader:
+            batches.append(batch)
+            n += len(batch["keys"])
+            if n >= cfg.val_samples:
+                break
+        task = "pretrain" if cfg.objective == "pretrain" else manifest["task"]
+        return Validation(batches, task, cfg.val_every, cfg.checkpoint_every) if batches else None
+
+    def due(self, step: int, end: int) -> bool:
+        return step == end or step % (self.every or self.checkpoint_every) == 0
+
+    def record(self, state: TrainerState, engine: Any, epoch: int) -> None:
+        module = engine.module
+        dtype = next(module.parameters()).dtype
+        module.eval()
+        sums: dict[str, float] = {}
+        with torch.inference_mode():
+            for batch in self.batches:
+                out = module(_to_device(batch, engine.device, dtype))
+                if self.task == "pretrain":
+                    parts = {k: float(v) for k, v in pretrain_accuracy(out, batch).items()}
+                else:
+                    scores = instance_scores(self.task, out.logits.float().cpu(), batch["labels"])
+                    parts = {"metric": float(scores.sum()), "n": float(len(scores)),
+                             **{f"keep/{g}": float(v.float().sum()) for g, v in out.keep_groups.items()}}
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        module.train()
+        if self.task == "pretrain":
+            values = {"val/itm_accuracy": sums["itm_correct"] / sums["itm_pairs"],
+                      "val/mlm_accuracy": sums["mlm_correct"] / max(1.0, sums["mlm_tokens"])}
+        else:
+            values = {f"val/{k}": v / sums["n"] for k, v in sums.items() if k != "n"}
+        if state.history and state.history[-1]["step"] == state.step:
+            state.history[-1].update(values)
+        else:
+            state.history.append({"step": state.step, "epoch": epoch, **values})
+        shown = " ".join(f"{k[4:]}={v:.4f}" for k, v in values.items())
+        _say(f"[finetune] step {state.step} validation ({sum(len(b['keys']) for b in self.batches)} samples): "
+             f"{shown}")
+
+
 def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function (``payload``: ``FinetuneConfig.to_dict()`` + ``fingerprint``)."""
     import deepspeed
@@ -153,7 +229,8 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     model = build_initial_model(cfg, manifest)
     base = LoaderConfig(batch_size=tcfg.batch_size, image_size=model.config.image_size,
                         max_text_len=model.config.max_text_len, train=True, seed=tcfg.seed,
-                        num_workers=cfg.loader_workers, rank=rank, world_size=world)
+                        num_workers=cfg.loader_workers, rank=rank, world_size=world, objective=cfg.objective)
+    validation = Validation.build(cfg, manifest, tokenizer, model) if rank == 0 else None
     plans, steps_per_epoch, total = epoch_schedule(cfg, manifest, base, world)
 
     groups = param_groups(model, tcfg)
@@ -191,9 +268,7 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state.__dict__))
                 if weights is not None:
-                    export = SmartTrimModel(module.config, module.trim_config)
-                    export.load_state_dict(weights)
-                    save_pretrained(export, Path(tmp) / EXPORT_DIR, extra={"tokenizer": "tokenizer"})
+                    export_model(module, weights, Path(tmp) / EXPORT_DIR)
                     tokenizer.save_pretrained(str(Path(tmp) / EXPORT_DIR / "tokenizer"))
             metrics = {"step": state.step, "final": final, **(state.history[-1] if state.history else {})}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -248,6 +323,8 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
                 state.history.append(row)
                 if rank == 0:
                     _print_row(row, total, keys)
+            if validation is not None and validation.due(state.step, end):
+                validation.record(state, engine, epoch)
             if state.step % cfg.checkpoint_every == 0 and state.step < end:
                 save(final=False)
             tick = time.perf_counter()

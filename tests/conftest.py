@@ -65,13 +65,15 @@ def instance(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return smarttrim.flops.strip_padding(one)
 
 
-# ``python -m pipeline.run`` at tiny settings (quickstart.yaml + these overrides): 320 training questions, a
-# 40-step backbone, SmartTrim at two targets and one ablation, 16 steps each, 4 profiled instances
+# ``python -m pipeline.run`` at tiny settings (quickstart.yaml + these overrides): meter-tiny from scratch (no
+# pre-trained checkpoint), 320 training questions, a 40-step backbone, SmartTrim at two targets, the local-trimmer
+# baseline and one ablation, 16 steps each, 4 profiled instances
 TINY_PIPELINE = [
+    "model.preset=meter-tiny", "model.pretrained=null", "pretrain=null", "trim.vision_token_layers=null",
     "tasks.0.data.shapes_sizes=[320, 40, 8]", "tasks.0.data.shard_size=40",
     "tasks.0.backbone.max_steps=40", "tasks.0.backbone.batch_size=16", "tasks.0.backbone.log_every=8",
     "tasks.0.smarttrim.max_steps=16", "tasks.0.smarttrim.batch_size=16", "tasks.0.smarttrim.log_every=4",
     "compute.checkpoint_every=8", "profile.instances=4", "profile.batch_size=4", "profile.cpus=1",
-    "ablations.variants=[no_self_distill]",
+    "ablations.target=2x", "ablations.variants=[no_self_distill]", "baselines.target=2x",
     "targets=[{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4},"
     " {name: 1.5x, token_target_vision: 0.6, token_target_text: 0.7, head_target: 0.6}]"]

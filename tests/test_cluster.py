@@ -265,7 +265,7 @@ def test_pipeline_job_runs_all_stages(head: Head, tmp_path: Path) -> None:
     """``ray job submit -- python -m pipeline.run all`` (tiny settings) on a token-auth head succeeds and
     writes the report; the job's driver runs the DAG on the cluster."""
     runs = tmp_path / "runs"
-    overrides = [*TINY_PIPELINE, "ablations.target=null",
+    overrides = [*TINY_PIPELINE, "ablations.target=null", "baselines.target=null",
                  "targets=[{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4}]"]
     rc, out = _submit(head.env, head.state["dashboard"], "--config", "pipeline/configs/quickstart.yaml",
                       f"runs_dir={runs}", *overrides, timeout=900)
@@ -273,7 +273,7 @@ def test_pipeline_job_runs_all_stages(head: Head, tmp_path: Path) -> None:
     assert re.search(r"job smarttrim-\S+: SUCCEEDED", out), out[-4000:]
     report = json.loads((runs / "quickstart" / "results.json").read_text())
     assert {e["name"] for e in report["results"]} == {"shapes-vqa/backbone", "shapes-vqa/smarttrim-2x",
-                                                      "shapes-vqa/majority"}
+                                                      "shapes-vqa/majority", "shapes-vqa/text_only"}
     assert "[pipeline] all finished" in out
 
 

@@ -47,7 +47,13 @@ def test_presets() -> None:
     assert (base.image_size, base.patch_size, base.vision_width, base.vision_layers) == (288, 16, 768, 11)
     assert (base.text_hidden, base.text_layers, base.cross_layers, base.hidden_size, base.cross_heads) == (
         768, 12, 6, 768, 12)
-    assert set(PRESETS) == {"meter-base", "meter-tiny"}
+    assert set(PRESETS) == {"meter-base", "meter-small", "meter-tiny"}
+    small = model_config("meter-small", task="vqa", num_labels=20)
+    assert small.num_patches == 144 and small.patch_stem == "conv" and base.patch_stem == "linear"
+    with pytest.raises(ValueError, match="patch_stem"):
+        model_config("meter-tiny", task="nlvr2", patch_stem="cnn")
+    with pytest.raises(ValueError, match="power of 2"):
+        model_config("meter-tiny", task="nlvr2", patch_stem="conv", patch_size=6, image_size=36)
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "snli_ve", "retrieval"])

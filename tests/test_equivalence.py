@@ -197,3 +197,129 @@ def test_training_path_with_hard_masks_equals_pruning_path(task: str) -> None:
     torch.testing.assert_close(masked.logits, pruned.logits, atol=ATOL, rtol=0)
     masked.loss.backward()
     assert all(p.grad is not None for p in model.trimmers.parameters())
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_text_encoder_forward_equals_transformers_roberta(train: bool) -> None:
+    """Our lean RoBERTa forward on transformers' modules == ``RobertaModel.forward`` (padding included)."""
+    from smarttrim.layers import roberta_forward
+
+    model = tiny()
+    model.train(train)
+    batch = model.dummy_batch(4, seed=8)  # rows of different lengths: right padding
+    assert not bool(batch["attention_mask"].all())
+    text = model.backbone.text
+    with torch.no_grad():
+        ref = text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ours = roberta_forward(text, batch["input_ids"], batch["attention_mask"])
+        one = {k: v[:1] for k, v in batch.items()}  # the longest row: no padding, no mask at all
+        ref_one = text(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).last_hidden_state
+        ours_one = roberta_forward(text, one["input_ids"], one["attention_mask"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours_one, ref_one, atol=ATOL, rtol=0)
+
+
+def _reference_attention(q, k, v, keep, scale):  # type: ignore[no-untyped-def]
+    """Masked attention written out: exp(s - max) * m / sum, differentiable in m."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    e = torch.exp(s - s.amax(-1, keepdim=True).detach()) * keep[:, None, None, :]
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def test_masked_attention_gradients_are_exact() -> None:
+    """q, k, v and the mask get the gradients of the written-out formula, including the top-scoring key of
+    every query (a clamp at the row maximum once zeroed those) and the would-be weights of pruned keys."""
+    from smarttrim.trimmers import masked_attention
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 1, 0, 1]], dtype=torch.float64, requires_grad=True)
+    out_grad = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad((_reference_attention(q, k, v, keep, 0.5) * out_grad).sum(), (q, k, v, keep))
+    ours = masked_attention(q, k, v, keep, 0.5, 0.0)
+    got = torch.autograd.grad((ours * out_grad).sum(), (q, k, v, keep))
+    torch.testing.assert_close(ours, _reference_attention(q, k, v, keep, 0.5), atol=1e-12, rtol=0)
+    for name, a, b in zip("qkvm", got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+    assert float(got[3][keep == 0].abs().min()) > 0, "pruned keys get a straight-through gradient"
+    assert torch.autograd.gradcheck(lambda q, k, v: masked_attention(q, k, v, keep.detach(), 0.5, 0.0), (q, k, v))
+    # without gradients it matches PyTorch's fused kernel with a boolean mask
+    with torch.no_grad():
+        fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(keep > 0)[:, None, None, :],
+                                                                 scale=0.5)
+        torch.testing.assert_close(masked_attention(q, k, v, keep, 0.5, 0.0), fused, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_kept_positions_agree_between_paths(task: str) -> None:
+    """The pruning path tracks where each surviving token came from: the same positions the masking path keeps."""
+    model = tiny(task, trim=smarttrim.TrimConfig()).eval()
+    randomize_trimmers(model, seed=10)
+    batch = model.dummy_batch(4, seed=10)
+    with torch.no_grad():
+        masked, pruned = model(batch, path="mask"), model(batch, path="prune")
+        single = model(instance(batch, 1), path="prune")
+    for kind in ("image", "text"):
+        keep_m, keep_p = getattr(masked, f"{kind}_keep"), getattr(pruned, f"{kind}_keep")
+        pos_p = getattr(pruned, f"{kind}_positions")
+        for row in range(keep_m.shape[0]):
+            want = keep_m[row].nonzero().flatten().tolist()
+            assert sorted(pos_p[row][keep_p[row] > 0].tolist()) == want, (kind, row)
+    rows = 2 if task == "nlvr2" else 1  # NLVR2: two image passes per instance
+    for r in range(rows):  # alone, an instance keeps the positions it keeps packed in the batch
+        batched = pruned.image_positions[rows + r][pruned.image_keep[rows + r] > 0]
+        alone = single.image_positions[r][single.image_keep[r] > 0]  # NLVR2: two passes are packed too
+        assert sorted(alone.tolist()) == sorted(batched.tolist())
+
+
+def test_head_slices_are_cached_for_inference_and_follow_weight_updates() -> None:
+    from smarttrim.layers import head_slice
+
+    layer = torch.nn.Linear(8, 12)  # 3 heads of 4 output features
+    index = torch.tensor([0, 2])
+    with torch.no_grad():
+        w, b = head_slice(layer, index, 3, 0)
+        torch.testing.assert_close(w, layer.weight[[0, 1, 2, 3, 8, 9, 10, 11]])
+        assert head_slice(layer, index, 3, 0)[0] is w, "the same kept heads reuse one slice"
+        layer.weight.add_(1.0)  # an optimizer step: the cache notices
+        w2, _ = head_slice(layer, index, 3, 0)
+        torch.testing.assert_close(w2, layer.weight[[0, 1, 2, 3, 8, 9, 10, 11]])
+        cols, none = head_slice(torch.nn.Linear(12, 5), torch.tensor([1]), 3, 1)
+        assert cols.shape == (5, 4) and none is None
+    trained = head_slice(layer, index, 3, 0)[0]  # with gradients: a fresh, differentiable slice
+    assert trained.requires_grad and trained is not w2
+
+
+def test_fused_guides_equal_the_separate_networks_and_follow_weight_updates() -> None:
+    """Inference computes a co-attention layer's guide networks (token trimmers' g W_k, head trimmers' scores) as
+    one: the same values as each network alone, rebuilt when a weight changes."""
+    model = tiny(trim=smarttrim.TrimConfig()).eval()
+    randomize_trimmers(model, seed=5)
+    tr = model.trimmers
+    h = model.config.hidden_size
+    c_t, c_i = torch.randn(3, h), torch.randn(3, h)
+
+    def separate(layer: int) -> dict[str, torch.Tensor]:
+        return {"text_tokens": tr.get("text_tokens", layer).global_query(c_t, c_i),
+                "image_tokens": tr.get("image_tokens", layer).global_query(c_i, c_t),
+                "text_msa_heads": tr.get("text_msa_heads", layer)(c_t),
+                "text_mca_heads": tr.get("text_mca_heads", layer)(torch.cat([c_t, c_i], -1)),
+                "image_msa_heads": tr.get("image_msa_heads", layer)(c_i),
+                "image_mca_heads": tr.get("image_mca_heads", layer)(torch.cat([c_i, c_t], -1))}
+
+    with torch.no_grad():
+        for layer in range(model.config.cross_layers):
+            fused, flags = tr.fused_guides(layer)(c_t, c_i)
+            want = separate(layer)
+            assert fused.keys() == want.keys() and not flags, "host decisions only for a batch of one"
+            for name, value in want.items():
+                torch.testing.assert_close(fused[name], value, atol=1e-5, rtol=1e-5)
+        one, flags = tr.fused_guides(0)(c_t[:1], c_i[:1])
+        assert flags["image_mca_heads"] == (one["image_mca_heads"][0] > 0).tolist()
+        first = tr.fused_guides(0)
+        assert tr.fused_guides(0) is first, "built once per weight version"
+        tr.get("image_mca_heads", 0).output_layer.bias.add_(1.0)
+        assert tr.fused_guides(0) is not first
+        torch.testing.assert_close(tr.fused_guides(0)(c_t, c_i)[0]["image_mca_heads"], separate(0)["image_mca_heads"],
+                                   atol=1e-5, rtol=1e-5)

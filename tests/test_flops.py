@@ -18,9 +18,10 @@ def _flops_and_analytic(model: smarttrim.SmartTrimModel, one: dict[str, torch.Te
     return macs, analytic_macs(model, out, text_len=one["input_ids"].shape[1])
 
 
-@pytest.mark.parametrize("trim", [None, smarttrim.TrimConfig(vision_head_trim=True)])
-def test_analytic_count_agrees_with_torchprofile(trim: smarttrim.TrimConfig | None) -> None:
-    model = tiny(trim=trim)
+@pytest.mark.parametrize(("trim", "stem"), [(None, "linear"), (smarttrim.TrimConfig(vision_head_trim=True), "linear"),
+                                            (smarttrim.TrimConfig(vision_token_layers=(0, 1, 2)), "conv")])
+def test_analytic_count_agrees_with_torchprofile(trim: smarttrim.TrimConfig | None, stem: str) -> None:
+    model = tiny(trim=trim, patch_stem=stem)
     if trim is not None:
         randomize_trimmers(model, seed=0)
     batch = model.dummy_batch(4, seed=0)

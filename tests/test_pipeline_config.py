@@ -11,6 +11,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.plan import build_plan, stage_key
 from pipeline.run import select
 from pipeline.sweep import pareto_front
+from smarttrim.data import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "pipeline" / "configs").glob("*.yaml"))
@@ -77,12 +78,66 @@ def test_overrides_and_content_keys(tmp_path: Path) -> None:
     assert other["finetune/a/backbone"].out == plan["finetune/a/backbone"].out, "upstream unchanged"
     assert other["finetune/a/smarttrim-2x"].out != plan["finetune/a/smarttrim-2x"].out
     assert other["evaluate/a/smarttrim-2x"].out != plan["evaluate/a/smarttrim-2x"].out, "changed input, changed key"
-    assert stage_key("shard", plan["shard/a"].config) in plan["shard/a"].out.name
+    shard_inputs = {"generator": shapes.GENERATOR_VERSION}  # the built-in generator's version keys its shards
+    assert stage_key("shard", plan["shard/a"].config, shard_inputs) in plan["shard/a"].out.name
     ids = [s.id for s in select(list(plan.values()), "finetune")]
     assert ids == ["shard/a", "finetune/a/backbone", "finetune/a/smarttrim-2x"]
+
+
+def test_smarttrim_start_baselines_and_pretraining_in_the_graph(tmp_path: Path) -> None:
+    """SmartTrim starts from the pre-trained model by default (beside the backbone, not after it); with
+    ``smarttrim_start: backbone`` from the fine-tuned backbone; baselines are trained like SmartTrim; a
+    ``pretrain`` section without ``model.pretrained`` puts pre-training at the root of the graph."""
+    pre = tmp_path / "pre"
+    from smarttrim.pretraining import PretrainModel, save_pretrain
+
+    save_pretrain(PretrainModel(__import__("smarttrim").model_config("meter-tiny", task="retrieval")), pre)
+    (pre / "tokenizer").mkdir()
+    path = _write(tmp_path, BASE + f"model: {{preset: meter-tiny, pretrained: {pre}}}\n"
+                  "baselines: {target: 2x, variants: [local]}\n")
+    plan = {s.id: s for s in build_plan(load_config(path), root=tmp_path / "runs")}
+    st, bb, local = plan["finetune/a/smarttrim-2x"], plan["finetune/a/backbone"], plan["finetune/a/local-2x"]
+    assert st.deps == bb.deps == ("shard/a",) and st.meta["start"] == "pretrained" == bb.meta["start"]
+    assert st.config.pretrained == bb.config.pretrained == str(pre.resolve()) and st.config.init is None
+    assert local.meta["kind"] == "baseline" and local.config.trim.token_trimmer == "local"
+    assert plan["shard/a"].config.tokenizer == str((pre / "tokenizer").resolve()), "the model's own tokenizer"
+    other = {s.id: s for s in build_plan(load_config(path, ["smarttrim_start=backbone"]), root=tmp_path / "runs")}
+    st2 = other["finetune/a/smarttrim-2x"]
+    assert st2.deps == ("finetune/a/backbone",) and st2.meta["start"] == "backbone"
+    assert st2.config.init == str(bb.out / "model") and st2.config.pretrained is None
+    assert other["finetune/a/backbone"].out == bb.out
+    (pre / "model.safetensors").write_bytes((pre / "model.safetensors").read_bytes() + b" ")  # new weights
+    moved = {s.id: s for s in build_plan(load_config(path), root=tmp_path / "runs")}
+    assert moved["finetune/a/backbone"].out != bb.out, "another pre-trained model, other fine-tunings"
+    with pytest.raises(ValueError, match="smarttrim_start"):
+        load_config(path, ["smarttrim_start=scratch"])
+
+    own = _write(tmp_path, BASE + "pretrain: {data: {source: shapes, task: caption}, train: {max_steps: 3}}\n")
+    plan = {s.id: s for s in build_plan(load_config(own), root=tmp_path / "runs")}
+    assert plan["pretrain/model"].deps == ("shard/pretrain",) and plan["pretrain/model"].config.objective == "pretrain"
+    assert plan["finetune/a/backbone"].config.pretrained == str(plan["pretrain/model"].out / "model")
+    assert "pretrain/model" in plan["finetune/a/backbone"].deps and "pretrain/model" in plan["shard/a"].deps
+    with pytest.raises(ValueError, match="pretrain.data.task"):
+        load_config(own, ["pretrain.data.task=vqa"])
 
 
 def test_pareto_front_by_hand() -> None:
     points = [{"metric": 0.5, "gflops": 1.0}, {"metric": 0.6, "gflops": 2.0}, {"metric": 0.55, "gflops": 2.5},
               {"metric": 0.6, "gflops": 3.0}, {"metric": 0.7, "gflops": 4.0}]
     assert pareto_front(points) == [points[0], points[1], points[4]]
+
+
+def test_report_says_where_each_model_started() -> None:
+    from pipeline.report import _start_line
+
+    def row(kind: str, start: str | None, source: str | None) -> dict:
+        return {"kind": kind, "start": start, "start_from": source}
+
+    same = [row("prior", None, None), row("backbone", "pretrained", "p/m"), row("smarttrim", "pretrained", "p/m")]
+    want = "Start: every model is fine-tuned once from the pre-trained model `p/m` (the paper's recipe)."
+    assert _start_line(same) == want
+    mixed = [row("backbone", "pretrained", "p/m"), row("smarttrim", "backbone", "runs/b/model"),
+             row("ablation", "backbone", "runs/b/model")]
+    line = _start_line(mixed)
+    assert "the backbone is fine-tuned from the pre-trained model `p/m`" in line
+    assert "SmartTrim and its variants from the fine-tuned backbone `runs/b/model`" in line

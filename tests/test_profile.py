@@ -1,8 +1,10 @@
-"""The profile stage on an exported model and shapes shards: FLOPs distribution, latency, JSON + PNG."""
+"""The profile stage on an exported model and shapes shards: FLOPs distribution, latency and throughput side by
+side with the backbone, JSON + PNG."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 from conftest import randomize_trimmers, tiny
 
 import smarttrim
-from stages.profile import ProfileConfig, main, run
+from stages.profile import ProfileConfig, interleaved_times, main, run
 from stages.shard import ShardConfig
 from stages.shard import run as shard
 
@@ -39,7 +41,7 @@ def test_profile_trimmed_model(tmp_path: Path, shards: Path) -> None:
     labels = len(json.loads((shards / "manifest.json").read_text())["labels"])
     model = _export(tmp_path / "model", smarttrim.TrimConfig(), labels)
     result = run(ProfileConfig(model=str(model), shards=str(shards), out=str(tmp_path / "prof"), instances=12,
-                               batch_size=8, warmup=1, threads=1))
+                               batch_size=8, warmup=1, threads=1, repeats=2))
     m = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert m == json.loads(json.dumps(result.metrics))
     f = m["flops"]
@@ -50,16 +52,48 @@ def test_profile_trimmed_model(tmp_path: Path, shards: Path) -> None:
     assert m["latency_ms_bs1"]["median"] > 0 and m["latency_ms_bs1"]["p90"] >= m["latency_ms_bs1"]["median"]
     assert m["throughput"]["instances_per_s"] > 0 and m["throughput"]["batch_size"] == 8
     assert m["device"] == "cpu" and m["threads"] == 1
+    b = m["backbone_latency_ms_bs1"]
+    assert 0 < b["median"] <= b["p90"] and b["mean"] > 0 and m["latency_ms_bs1"]["mean"] > 0
+    assert m["backbone_throughput"]["instances_per_s"] > 0
+    sp = m["speedup"]
+    for key in ("latency_bs1", "latency_bs1_median", "throughput", "flops", "latency_efficiency",
+                "throughput_efficiency"):
+        assert sp[key] > 0 and math.isfinite(sp[key]), key
+    assert sp["flops"] == pytest.approx(f["backbone_mean"] / f["mean"]) and sp["flops"] > 1
+    assert sp["latency_bs1"] == pytest.approx(b["mean"] / m["latency_ms_bs1"]["mean"])
+    assert sp["latency_efficiency"] == pytest.approx(sp["latency_bs1"] / sp["flops"])
+    assert "interleaved" in sp["method"] and "2 passes" in sp["method"]
     assert (tmp_path / "prof" / "flops_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_profile_backbone_is_its_own_reference(tmp_path: Path, shards: Path) -> None:
+def test_profile_backbone_is_its_own_reference(tmp_path: Path, shards: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     labels = len(json.loads((shards / "manifest.json").read_text())["labels"])
     model = _export(tmp_path / "model", None, labels)
     code = main(["--model", str(model), "--shards", str(shards), "--out", str(tmp_path / "prof"),
-                 "--instances", "5", "--batch-size", "4", "--threads", "1", "--warmup", "0"])
+                 "--instances", "4", "--batch-size", "4", "--threads", "1", "--warmup", "1", "--repeats", "3"])
     m = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert code == 0 and m["flops"]["ratio_to_backbone"] == 1.0 and m["trim"] is None
+    sp = m["speedup"]
+    assert sp["flops"] == 1.0, "the backbone is its own FLOPs reference"
+    # equal weights timed side by side: the noise floor, near 1 (loose: the test machine is shared)
+    assert 0.5 < sp["latency_bs1_median"] < 2.0 and 0.5 < sp["latency_bs1"] < 2.0
+    assert sp["throughput"] > 0 and math.isfinite(sp["throughput"])
+    assert "fewer MACs" in capsys.readouterr().out
+
+
+def test_interleaved_times_alternates_order() -> None:
+    calls: list[tuple[str, int]] = []
+    fns = [lambda x: calls.append(("model", x)), lambda x: calls.append(("backbone", x))]
+    ticks = iter(range(1000))
+    times = interleaved_times(fns, [0, 1, 2, 3], repeats=3, timer=lambda fn: (fn(), float(next(ticks)))[1])
+    one_pass = [("model", 0), ("backbone", 0), ("backbone", 1), ("model", 1),
+                ("model", 2), ("backbone", 2), ("backbone", 3), ("model", 3)]
+    assert calls == one_pass * 3
+    assert [len(t) for t in times] == [12, 12]
+    # each function's times are its own calls, pass after pass, in input order
+    assert times[0][:4] == [0.0, 3.0, 4.0, 7.0] and times[1][:4] == [1.0, 2.0, 5.0, 6.0]
+    assert interleaved_times(fns, [], repeats=2, timer=lambda fn: 0.0) == [[], []]
 
 
 def test_profile_errors(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,9 +101,23 @@ def test_profile_errors(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixt
     assert "none" in capsys.readouterr().err and not (tmp_path / "p").exists()
     with pytest.raises(ValueError, match="instances"):
         ProfileConfig(model="m", shards="s", out="o", instances=0)
+    with pytest.raises(ValueError, match="repeats"):
+        ProfileConfig(model="m", shards="s", out="o", repeats=0)
 
 
 def test_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "stages.profile", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert "--model" in out and "--shards" in out and "flops_hist.png" in out
+    assert "--repeats" in out and "side by side" in out and "backbone_latency_ms_bs1" in out
+
+
+def test_backbone_flops_per_text_length_equal_tracing_each_instance() -> None:
+    from smarttrim.flops import count_flops, strip_padding
+    from stages.profile import backbone_flops
+
+    model = tiny("vqa", num_labels=5).eval()
+    batch = model.dummy_batch(5, seed=3, with_labels=False)
+    singles = [strip_padding({k: v[i:i + 1] for k, v in batch.items()}) for i in range(5)]
+    singles.append(singles[0])  # a repeated length is not traced again
+    assert backbone_flops(model, singles) == [count_flops(model, one) for one in singles]

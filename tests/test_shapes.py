@@ -164,7 +164,7 @@ def snli_ve_label(hyp: str, objs: list[dict[str, Any]], occluder: bool) -> str:
 
 def caption_true(caption: str, scene: dict[str, Any]) -> bool:
     objs = scene["objects"]
-    if m := re.fullmatch(r"(?P<n>\w+) objects on a (?P<tone>dark|light) (?P<look>plain|shaded|noisy) background",
+    if m := re.fullmatch(r"(?P<n>\w+) objects? on a (?P<tone>dark|light) (?P<look>plain|shaded|noisy) background",
                          caption):
         look = {"solid": "plain", "gradient": "shaded", "noise": "noisy"}[scene["background"]["kind"]]
         return (NUMBERS[m["n"]] == len(objs) and m["tone"] == scene["background"]["tone"] and m["look"] == look)
@@ -448,3 +448,37 @@ def test_load_local_roberta_tokenizer(tmp_path: Path) -> None:
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, 2)
     with pytest.raises(ValueError, match="expected"):
         load_tokenizer(tmp_path, expect_ids={"pad_token_id": 0})
+
+
+def test_object_patches_cover_the_object_and_nothing_far() -> None:
+    grid = 12
+    obj = {"x": 0.5, "y": 0.25, "r": 0.13}
+    patches = shapes.object_patches(obj, grid).reshape(grid, grid)
+    rows, cols = patches.nonzero()
+    assert 6 <= patches.sum() <= 16
+    centers_x, centers_y = (cols + 0.5) / grid, (rows + 0.5) / grid
+    assert (np.hypot(centers_x - 0.5, centers_y - 0.25) < 0.13 + 0.5 / grid * 1.5).all()
+    assert patches[3, 5] or patches[3, 6], "the patches around the center are on the object"
+    tiny_obj = shapes.object_patches({"x": 0.52, "y": 0.52, "r": 0.01}, grid)
+    assert tiny_obj.sum() == 0, "an object covering less than the coverage share of any patch has none"
+
+
+def test_focus_patches_are_the_named_objects() -> None:
+    sample = next(shapes.generate("vqa", "val", 1, image_size=96))
+    scene, focus = sample.meta["scene"], sample.meta["focus"]
+    patches = shapes.focus_patches(scene, focus, 12)
+    union = np.zeros(144, dtype=bool)
+    for i in focus:
+        union |= shapes.object_patches(scene["objects"][i], 12)
+    assert np.array_equal(patches, union) and patches.any()
+    others = [i for i in range(len(scene["objects"])) if i not in focus]
+    for i in others:
+        assert not (shapes.object_patches(scene["objects"][i], 12) & patches).all()
+
+
+def test_vqa_mix_mostly_names_one_object() -> None:
+    samples = _gen("vqa", 400, split="train")
+    types = Counter(s.meta["qtype"] for s in samples)
+    assert types["attribute"] / len(samples) > 0.45
+    one = sum(len(s.meta["focus"]) == 1 for s in samples) / len(samples)
+    assert one > 0.45, "most questions point at a single object"

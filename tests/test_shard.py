@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.shard import ShardConfig, main, run
+from stages.shard import ShardConfig, SplitResult, main, majority_baseline, run, text_only_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,33 @@ def test_shapes_round_trip_and_manifest(tmp_path: Path) -> None:
         keys += [n.split(".")[0] for n in names if n.endswith(".json")]
     assert len(keys) == len(set(keys)) == 50
     assert not list(tmp_path.glob(".s.*")), "no temporary directories left behind"
+
+
+def test_text_only_baseline_is_the_best_answer_per_question_text() -> None:
+    train = SplitResult("train", questions=["what color ?", "What  color ?", "what shape ?", "what shape ?"],
+                        label_scores=[{"0": 1.0}, {"0": 0.6, "1": 0.3}, {"2": 1.0}, {"1": 1.0, "2": 0.3}])
+    val = SplitResult("val", questions=["what color ?", "what shape ?", "how many ?"],
+                      label_scores=[{"1": 1.0}, {"2": 0.9}, {"0": 1.0}])
+    base = text_only_baseline([val, train])  # fitted on the train split whatever the order
+    assert base["fitted_on"] == "train" and base["distinct_texts"] == 2  # case and spaces normalized
+    # "what color" -> 0 (1.6 vs 0.3), "what shape" -> 2 (1.3 vs 1.0), unseen "how many" -> the majority label
+    majority = majority_baseline([val, train])
+    assert majority["label_id"] == 0 and majority["fitted_on"] == "train"  # 0: 1.6, 2: 1.3, 1: 1.3
+    assert base["score"]["val"] == pytest.approx((0.0 + 0.9 + 1.0) / 3)
+    assert base["score"]["train"] == pytest.approx((1.0 + 0.6 + 1.0 + 0.3) / 4)
+    assert base["coverage"] == {"train": 1.0, "val": pytest.approx(2 / 3)}
+
+
+def test_shapes_manifest_records_both_baselines_and_one_tokenizer(tmp_path: Path) -> None:
+    vqa = run(ShardConfig(source="shapes", task="vqa", out=str(tmp_path / "v"), shapes_sizes=(300, 100, 4),
+                          shard_size=100)).manifest
+    text_only, majority = vqa["text_only_baseline"]["score"]["val"], vqa["majority_baseline"]["score"]["val"]
+    assert majority < text_only < 0.7, "the question narrows the answer; only the image decides it"
+    cap = run(ShardConfig(source="shapes", task="caption", out=str(tmp_path / "c"), shapes_sizes=(4, 4, 4))).manifest
+    assert cap["text_only_baseline"] == {} and cap["majority_baseline"] == {}
+    a = json.loads((tmp_path / "v" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    b = json.loads((tmp_path / "c" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert a == b, "every shapes flavor gets the same tokenizer (a model pre-trained on captions reads questions)"
 
 
 def test_official_source_round_trip(tmp_path: Path) -> None:

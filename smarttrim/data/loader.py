@@ -37,6 +37,11 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
+OBJECTIVES: tuple[str, ...] = ("task", "pretrain")
+PRETRAIN_TASKS: tuple[str, ...] = ("caption", "retrieval")
+"""Shard tasks that hold image-caption pairs (what pre-training reads)."""
+HARD_NEGATIVE_POOL = 3
+"""ITM hard negatives: drawn among this many most similar captions of the batch's other images."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -63,8 +68,17 @@ class LoaderConfig:
     skip_batches: int = 0
     """Training resume: skip this rank's first N batches of the epoch (in the DataLoader's round-robin order
     over workers); the skipped samples are not decoded."""
+    objective: str = "task"
+    """``task``: the shards' task batches; ``pretrain``: METER's MLM + ITM batches from image-caption shards
+    (``caption`` / ``retrieval``), see ``Collate``."""
+    mlm_probability: float = 0.15
+    """``pretrain``: share of a caption's (non-special) tokens masked for MLM (at least one per caption)."""
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: must be one of {OBJECTIVES}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability={self.mlm_probability!r}: must be in (0, 1)")
         for name in ("batch_size", "image_size", "max_text_len", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
@@ -244,18 +258,78 @@ class Collate:
     the same batch whichever worker collates them and however many batches came before (exact resume)."""
 
     def __init__(self, task: str, tokenizer: Any, num_labels: int, max_text_len: int, train: bool,
-                 seed: str) -> None:
+                 seed: str, objective: str = "task", mlm_probability: float = 0.15) -> None:
         self.task, self.tokenizer, self.num_labels = task, tokenizer, num_labels
         self.max_text_len, self.train, self.seed = max_text_len, train, seed
+        self.objective, self.mlm_probability = objective, mlm_probability
 
     def _rng(self, *parts: str) -> random.Random:
         return random.Random(":".join((self.seed, *parts)))
 
+    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                             return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _pretrain(self, samples: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+        """METER's pre-training batch: ITM pairs (half with a hard negative caption) and MLM-masked true captions.
+
+        True caption: a random one of the image's (training; the first when evaluating). ITM negative: among the
+        captions of the batch's other images that are not also a caption of this image, one of the
+        ``HARD_NEGATIVE_POOL`` sharing the most words with the true caption (Jaccard). MLM: each non-special
+        token masked with ``mlm_probability`` (at least one per caption); a masked token becomes <mask> 80% of
+        the time, a random token 10%, itself 10%; ``mlm_labels`` hold the original ids there, ``IGNORE`` (-100)
+        elsewhere. Every draw is seeded by the samples' keys."""
+        captions = [list(s["info"]["texts"]) for s in samples]
+        true = [c[self._rng(s["key"], "caption").randrange(len(c))] if self.train else c[0]
+                for s, c in zip(samples, captions, strict=True)]
+        words = [[set(t.lower().split()) for t in c] for c in captions]
+        itm_texts, itm_labels = [], []
+        for i, s in enumerate(samples):
+            rng = self._rng(s["key"], "itm")
+            own, mine = {t.lower() for t in captions[i]}, set(true[i].lower().split())
+            pool = [(_jaccard(mine, w), j, k) for j, ws in enumerate(words) if j != i for k, w in enumerate(ws)
+                    if captions[j][k].lower() not in own]  # (similarity, image, caption)
+            if rng.random() < 0.5 or not pool:
+                itm_texts.append(true[i])
+                itm_labels.append(1)
+            else:
+                pool.sort(key=lambda x: (-x[0], x[1], x[2]))
+                _, j, k = pool[rng.randrange(min(HARD_NEGATIVE_POOL, len(pool)))]
+                itm_texts.append(captions[j][k])
+                itm_labels.append(0)
+        batch["input_ids"], batch["attention_mask"] = self._encode(itm_texts)
+        batch["labels"] = torch.tensor(itm_labels)
+        ids, mask = self._encode(true)
+        labels = torch.full_like(ids, -100)
+        special = set(self.tokenizer.all_special_ids)
+        low, vocab = max(special) + 1, len(self.tokenizer)
+        masked = ids.clone()
+        for row, s in enumerate(samples):
+            rng = self._rng(s["key"], "mlm")
+            positions = [p for p in range(int(mask[row].sum())) if int(ids[row, p]) not in special]
+            chosen = [p for p in positions if rng.random() < self.mlm_probability]
+            if not chosen and positions:
+                chosen = [positions[rng.randrange(len(positions))]]
+            for p in chosen:
+                labels[row, p] = ids[row, p]
+                u = rng.random()
+                if u < 0.8:
+                    masked[row, p] = self.tokenizer.mask_token_id
+                elif u < 0.9:
+                    masked[row, p] = rng.randrange(low, vocab)
+        batch["mlm_input_ids"], batch["mlm_attention_mask"], batch["mlm_labels"] = masked, mask, labels
+        return batch
+
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.objective == "pretrain":
+            batch = {"pixel_values": torch.stack([s["pixels"] for s in samples]), "keys": [s["key"] for s in samples]}
+            return self._pretrain(samples, batch)
         texts = [s["info"]["texts"][self._rng(s["key"], "text").randrange(len(s["info"]["texts"]))
                                     if self.train else 0] for s in samples]
         batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixels"] for s in samples]),
-                                 "keys": [s["key"] for s in samples]}
+                                 "keys": [s["key"] for s in samples],
+                                 "meta": [s["info"].get("meta", {}) for s in samples]}
         if self.task == "vqa":
             labels = torch.zeros(len(samples), self.num_labels)
             for row, s in enumerate(samples):
@@ -278,6 +352,10 @@ class Collate:
                              return_tensors="pt")
         batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
         return batch
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / max(1, len(a | b))
 
 
 def shard_tokenizer(shards: str | Path, override: str | Path | None = None) -> Any:
@@ -313,8 +391,12 @@ def make_loader(shards: str | Path, split: str, tokenizer: Any, cfg: LoaderConfi
     if cfg.train and len(urls) < readers:
         raise ValueError(f"{shards}: split {split!r} has {len(urls)} shards for {world_size} ranks x "
                          f"{max(1, cfg.num_workers)} workers; re-shard with a smaller --shard-size")
+    if cfg.objective == "pretrain" and task not in PRETRAIN_TASKS:
+        raise ValueError(f"{join(shards, 'manifest.json')}: task {task!r} holds no image-caption pairs to pre-train "
+                         f"on (one of {PRETRAIN_TASKS})")
     collate = Collate(task, tokenizer, max(1, len(manifest["labels"])), cfg.max_text_len, cfg.train,
-                      seed=f"{cfg.seed}:{cfg.epoch}:{rank}")
+                      seed=f"{cfg.seed}:{cfg.epoch}:{rank}", objective=cfg.objective,
+                      mlm_probability=cfg.mlm_probability)
     pipeline = wds.DataPipeline(
         _ShardList(urls, cfg),
         wds.tarfile_to_samples(),

@@ -10,7 +10,8 @@ answered from a few patches (``meta["focus"]`` says which objects): what SmartTr
 Every flavor of ``TASK_FLAVORS`` has the splits ``SHAPES_SPLITS`` and yields ``Sample`` records:
 
 * ``vqa``: one image, one question, 10 simulated annotator answers (``Sample.answers``) from the fixed answer
-  vocabulary ``answer_vocabulary("vqa")``. Question types (``VQA_QUESTION_TYPES``):
+  vocabulary ``answer_vocabulary("vqa")``. Question types (``VQA_QUESTION_TYPES``, drawn with ``VQA_TYPE_WEIGHTS``:
+  mostly ``attribute``, so that the text decides which few patches hold the answer):
   ``attribute`` ("what color is the small circle ?": color/shape/size of a uniquely described object),
   ``count`` ("how many red objects are there ?": 0-5, roughly uniform), ``exists`` ("is there a large
   triangle ?": yes/no, half of the ``no`` cases are near misses), ``relation`` ("is the red square above the
@@ -111,7 +112,14 @@ RELATIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1),
 """Relation -> (axis: 0 = x, 1 = y; sign of the object's coordinate minus the reference's)."""
 
 VQA_QUESTION_TYPES: tuple[str, ...] = ("attribute", "count", "exists", "relation", "relate_query")
-_VQA_TYPE_WEIGHTS = (0.3, 0.2, 0.2, 0.15, 0.15)
+VQA_TYPE_WEIGHTS: dict[str, float] = {"attribute": 0.55, "count": 0.15, "exists": 0.2, "relation": 0.05,
+                                      "relate_query": 0.05}
+"""How often each question type is drawn. Most questions name one object and ask for one of its attributes, so
+the answer is on a few patches the text points to, and the question alone says little: the best answer per
+question text scores about 0.3 (the shard stage's text-only baseline), the image decides the rest."""
+GENERATOR_VERSION = 2
+"""Bumped when the same arguments give other samples (2: the vqa type mix above, was 0.3/0.2/0.2/0.15/0.15; single-
+object scenes among the captioned ones, ``SINGLE_OBJECT_SCENES``)."""
 VQA_ANSWERS: tuple[str, ...] = (*COLORS, *SHAPES, *SIZES, *(str(i) for i in range(MAX_OBJECTS + 1)), "yes", "no")
 """The vqa answer vocabulary (label index -> answer), as normalized by the VQA evaluation (digits for counts)."""
 NLVR2_TEMPLATES: tuple[str, ...] = ("more_left", "more_right", "both", "exactly_one", "neither", "same",
@@ -235,6 +243,31 @@ def majority_baseline(samples: Iterable[Sample], eval_samples: Iterable[Sample] 
             raise ValueError("majority_baseline: evaluation samples without labels")
         return MajorityBaseline(best, float(np.mean([s.label == best for s in evals])), len(evals))
     raise ValueError("majority_baseline: samples have neither vqa answers nor labels (retrieval/caption?)")
+
+
+FOCUS_COVERAGE = 0.25
+"""A patch lies on an object when at least this share of its area is inside the object's bounding circle."""
+
+
+def object_patches(obj: dict[str, Any], grid: int, coverage: float = FOCUS_COVERAGE) -> np.ndarray:
+    """(grid * grid,) bool, raster order: the patches of a ``grid`` x ``grid`` patch grid that ``obj`` (a scene
+    object: normalized center ``x``, ``y`` and radius ``r``) covers by at least ``coverage`` of their area
+    (measured on an 8 x 8 sub-grid of points per patch, against the object's bounding circle)."""
+    sub = (np.arange(8) + 0.5) / 8  # sample points inside a patch, as fractions of its side
+    cells = (np.arange(grid)[:, None] + sub[None, :]) / grid  # (grid, 8) coordinates per row / column
+    ys = cells[:, None, :, None]  # (rows, 1, 8, 1)
+    xs = cells[None, :, None, :]  # (1, cols, 1, 8)
+    hit = (xs - obj["x"]) ** 2 + (ys - obj["y"]) ** 2 <= obj["r"] ** 2  # (rows, cols, 8, 8)
+    return (hit.mean((2, 3)) >= coverage).reshape(-1)
+
+
+def focus_patches(scene: dict[str, Any], focus: Sequence[int], grid: int) -> np.ndarray:
+    """(grid * grid,) bool: the patches the text refers to, those of the scene's objects ``focus``
+    (``Sample.meta["focus"]``, indices into ``scene["objects"]``; see ``object_patches``)."""
+    out = np.zeros(grid * grid, dtype=bool)
+    for i in focus:
+        out |= object_patches(scene["objects"][i], grid)
+    return out
 
 
 def all_texts(seed: int = 0, n_per_task: int = 500, tasks: Sequence[str] = TASK_FLAVORS) -> Iterator[str]:
@@ -566,7 +599,7 @@ def _annotate(rng: np.random.Generator, answer: str) -> list[str]:
 
 def _vqa(ctx: _Context) -> Sample:
     rng = ctx.rng
-    qtype = _pick(rng, VQA_QUESTION_TYPES, _VQA_TYPE_WEIGHTS)
+    qtype = _pick(rng, VQA_QUESTION_TYPES, [VQA_TYPE_WEIGHTS[t] for t in VQA_QUESTION_TYPES])
     program: dict[str, Any] = {"type": qtype}
     if qtype == "attribute":
         query = _pick(rng, ATTRIBUTES)
@@ -827,7 +860,8 @@ def _captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
         elif kind == "overview":
             bg = scene["background"]
             look = {"solid": "plain", "gradient": "shaded", "noise": "noisy"}[bg["kind"]]
-            out.append(f"{NUMBER_WORDS[len(objs)]} objects on a {bg['tone']} {look} background")
+            things = "object" if len(objs) == 1 else "objects"
+            out.append(f"{NUMBER_WORDS[len(objs)]} {things} on a {bg['tone']} {look} background")
         elif kind in ("color_counts", "shape_counts"):
             attr = "color" if kind == "color_counts" else "shape"
             counts = Counter(o[attr] for o in objs)
@@ -848,9 +882,15 @@ def _full(rng: np.random.Generator, obj: dict[str, Any]) -> Props:
     return {a: obj[a] for a in attrs}
 
 
+SINGLE_OBJECT_SCENES = 0.5
+"""``retrieval`` / ``caption``: share of scenes with a single object, whose captions name what it is. They give
+pre-training words that can only come from the image without first finding one object among others: a ViT
+trained from scratch learns shapes from them long before it can from relations between several objects."""
+
+
 def _captioned(ctx: _Context) -> Sample:
     rng = ctx.rng
-    scene = _scene(rng, [])
+    scene = _scene(rng, [], n_objects=1 if rng.random() < SINGLE_OBJECT_SCENES else None)
     captions = _captions(rng, scene)
     return _sample(ctx, [scene], captions, image_id=ctx.index)
 
@@ -860,6 +900,7 @@ _MAKERS = {"vqa": _vqa, "nlvr2": _nlvr2, "snli_ve": _snli_ve, "retrieval": _capt
 
 __all__ = ["ANNOTATORS", "ATTRIBUTES", "COLORS", "COLOR_RGB", "DEFAULT_SIZES", "MAX_OBJECTS", "MIN_OBJECTS",
            "NLVR2_TEMPLATES", "RELATIONS", "RELATION_MARGIN", "SHAPES", "SHAPES_SPLITS", "SIZES", "SIZE_RADIUS",
-           "SNLI_VE_FAMILIES", "VQA_ANSWERS", "VQA_QUESTION_TYPES", "MajorityBaseline", "all_texts",
+           "SNLI_VE_FAMILIES", "VQA_ANSWERS", "VQA_QUESTION_TYPES", "VQA_TYPE_WEIGHTS", "GENERATOR_VERSION",
+           "FOCUS_COVERAGE", "MajorityBaseline", "all_texts", "focus_patches", "object_patches",
            "answer_vocabulary", "encode_png", "generate", "generate_splits", "majority_baseline", "nlvr2_truth",
            "snli_ve_label", "vqa_score"]

@@ -1,0 +1,181 @@
+"""Pre-training (METER's MLM + ITM with hard negatives): the batches, the model, its export and how task models
+start from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny
+
+import smarttrim
+from smarttrim.checkpoints import load_pretrained, pretrained_config
+from smarttrim.data.loader import LoaderConfig, make_loader
+from smarttrim.data.tokenizer import load_tokenizer
+from smarttrim.pretraining import IGNORE, PretrainModel, save_pretrain
+from stages.finetune_config import FinetuneConfig, build_initial_model
+from stages.pretrain import evaluate_pretraining, load_pretrain_model
+from stages.shard import ShardConfig
+from stages.shard import run as shard
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "caption"
+    shard(ShardConfig(source="shapes", task="caption", out=str(out), shapes_sizes=(64, 32, 4), shard_size=16))
+    return out
+
+
+def _batches(shards: Path, split: str = "train", train: bool = True, n: int = 4) -> list[dict]:
+    tok = load_tokenizer(shards / "tokenizer")
+    cfg = LoaderConfig(batch_size=16, image_size=32, max_text_len=24, train=train, objective="pretrain")
+    out = []
+    for batch in make_loader(shards, split, tok, cfg):
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def squash(text: str) -> str:
+    """A text without case and spaces (decoding joins punctuation differently from the source)."""
+    return text.lower().replace(" ", "")
+
+
+def test_pretrain_batches_pair_hard_negatives_and_mask_captions(captions: Path) -> None:
+    tok = load_tokenizer(captions / "tokenizer")
+    texts = {}
+    for line in json.loads((captions / "manifest.json").read_text())["splits"]["train"]["shards"]:
+        assert line["samples"] > 0
+    import webdataset as wds
+
+    for sample in wds.WebDataset(sorted(str(p) for p in captions.glob("train-*.tar")), shardshuffle=False):
+        texts[sample["__key__"]] = json.loads(sample["json"])["texts"]
+    batches = _batches(captions)
+    labels = torch.cat([b["labels"] for b in batches])
+    assert set(labels.tolist()) == {0, 1} and 0.3 < float(labels.float().mean()) < 0.7
+    special = set(tok.all_special_ids)
+    masked_total = 0
+    for b in batches:
+        itm = [squash(t) for t in tok.batch_decode(b["input_ids"], skip_special_tokens=True)]
+        for key, text, label in zip(b["keys"], itm, b["labels"].tolist(), strict=True):
+            own = [squash(t) for t in texts[key]]
+            if label == 1:
+                assert text in own
+            else:  # a hard negative: another image's caption, never one of this image's own
+                assert text not in own and any(text in [squash(t) for t in texts[k]] for k in b["keys"] if k != key)
+        ids, masked, lab = b["mlm_input_ids"], b["mlm_input_ids"], b["mlm_labels"]
+        predicted = lab != IGNORE
+        assert bool(predicted.any(1).all()), "at least one masked token per caption"
+        assert not any(int(t) in special for t in lab[predicted]), "special tokens are never masked"
+        assert int((masked[predicted] == tok.mask_token_id).sum()) > 0.5 * int(predicted.sum())
+        assert torch.equal(ids[~predicted], b["mlm_input_ids"][~predicted])
+        masked_total += int(predicted.sum())
+        real = int(b["mlm_attention_mask"].sum() - 2 * len(b["keys"]))  # minus <s> and </s>
+        assert 0.05 < int(predicted.sum()) / real < 0.4
+    assert masked_total > 0
+    again = _batches(captions)
+    for a, b in zip(batches, again, strict=True):  # seeded by the samples' keys: the same batches
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "mlm_input_ids", "mlm_labels"))
+
+
+def test_pretrain_model_learns_both_objectives(captions: Path) -> None:
+    torch.manual_seed(0)
+    cfg = smarttrim.model_config("meter-tiny", task="retrieval", dropout=0.0)
+    model = PretrainModel(cfg).train()
+    batches = _batches(captions, n=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for _step in range(15):
+        for b in batches:
+            out = model(b)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            first = first or {k: float(v) for k, v in out.loss_parts.items()}
+    last = {k: float(v) for k, v in model(batches[0]).loss_parts.items()}
+    assert set(last) == {"itm", "mlm"} and model(batches[0]).keep_groups == {}
+    assert last["mlm"] < 0.6 * first["mlm"], (first, last)
+
+
+def test_export_round_trips_and_starts_task_models(tmp_path: Path, captions: Path) -> None:
+    torch.manual_seed(1)
+    cfg = smarttrim.model_config("meter-tiny", task="retrieval", dropout=0.0)
+    model = PretrainModel(cfg).eval()
+    out = save_pretrain(model, tmp_path / "pre")
+    load_tokenizer(captions / "tokenizer").save_pretrained(str(out / "tokenizer"))
+    back = load_pretrain_model(out).eval()
+    batch = _batches(captions, "val", train=False, n=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(back(batch).mlm_logits, model(batch).mlm_logits)
+    assert smarttrim.load_model(out).config.task == "retrieval"  # the export is an ITM model as it is
+    ev = evaluate_pretraining(out, str(captions), "val", batch_size=16, threads=1)
+    assert ev["samples"] == 32 and 0 <= ev["itm_accuracy"] <= 1 and ev["mlm_tokens"] > 0
+
+    # a VQA model at another resolution starts from it: every backbone weight, the position grid resampled
+    vqa = smarttrim.SmartTrimModel(pretrained_config(out, "vqa", 13, image_size=48), smarttrim.TrimConfig())
+    head_before = vqa.head[0].weight.clone()
+    report = load_pretrained(vqa, out)
+    source = model.vlm.state_dict()
+    for k, v in vqa.backbone_state_dict().items():
+        if k.startswith("backbone.") and k != "backbone.vision.pos_embed":
+            assert torch.equal(v, source[k]), k
+    assert vqa.backbone.vision.pos_embed.shape[1] == 1 + (48 // 8) ** 2
+    assert any("resampled" in n for n in report.notes) and report.head_loaded is False
+    assert torch.equal(vqa.head[0].weight, head_before), "the VQA head is new"
+    nlvr2 = smarttrim.SmartTrimModel(pretrained_config(out, "nlvr2", 2))
+    load_pretrained(nlvr2, out)
+    types = nlvr2.backbone.token_type_embeddings.weight
+    assert types.shape[0] == 3 and torch.equal(types[2], types[1])
+    with pytest.raises(ValueError, match="vision_width"):
+        load_pretrained(tiny("vqa", vision_width=32, vision_heads=2), out)
+
+
+def test_finetune_config_takes_a_pretrained_directory(tmp_path: Path, captions: Path) -> None:
+    out = save_pretrain(PretrainModel(smarttrim.model_config("meter-tiny", task="retrieval")), tmp_path / "pre")
+    manifest = {"task": "vqa", "labels": [str(i) for i in range(7)]}
+    model = build_initial_model(FinetuneConfig(shards="x", out="y", pretrained=str(out), image_size=48), manifest)
+    assert model.config.image_size == 48 and model.config.num_labels == 7 and model.config.name == "meter-tiny"
+    with pytest.raises(ValueError, match="preset"):
+        build_initial_model(FinetuneConfig(shards="x", out="y", preset="meter-small", pretrained=str(out)), manifest)
+    pre = build_initial_model(FinetuneConfig(shards=str(captions), out="y", objective="pretrain"),
+                              {"task": "caption", "labels": []})
+    assert isinstance(pre, PretrainModel)
+    with pytest.raises(ValueError, match="trim must be None"):
+        FinetuneConfig(shards="x", out="y", objective="pretrain", trim=smarttrim.TrimConfig())
+
+
+def test_pretrains_on_a_karpathy_coco_caption_corpus(tmp_path: Path, captions: Path) -> None:
+    """A real caption corpus in its official layout (``dataset_coco.json`` + COCO images) shards as retrieval
+    data and feeds the pre-training objectives: hard negatives from other images' captions, masked captions."""
+    from test_readers import image, karpathy_image, write_json
+
+    root = tmp_path / "coco"
+    captions_of = {i: [f"a {c} {s} on a table .", f"the {s} is {c} ."] for i, (c, s) in enumerate(
+        [("red", "cup"), ("blue", "cup"), ("red", "plate"), ("green", "bowl"), ("blue", "plate"), ("green", "cup")])}
+    rows = []
+    for i, texts in captions_of.items():
+        name = f"COCO_train2014_{i + 1:012d}.jpg"
+        rows.append(karpathy_image(i, name, "train" if i < 4 else "val", texts, filepath="train2014", cocoid=i + 1))
+        image(root / "train2014" / name, color=(40 * i, 200 - 30 * i, 90))
+    write_json(root / "dataset_coco.json", {"dataset": "coco", "images": rows})
+    out = tmp_path / "shards"
+    shard(ShardConfig(source="karpathy_coco", task="retrieval", root=str(root), out=str(out), shard_size=2,
+                      tokenizer=str(captions / "tokenizer")))
+    tok = load_tokenizer(captions / "tokenizer")
+    loader = make_loader(out, "train", tok, LoaderConfig(batch_size=4, image_size=32, max_text_len=24, train=True,
+                                                         objective="pretrain"))
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and sorted(batch["labels"].tolist()) == [0, 0, 1, 1]
+    assert bool((batch["mlm_labels"] != IGNORE).any(1).all()), "every caption has a masked token"
+    torch.manual_seed(0)
+    model = PretrainModel(smarttrim.model_config("meter-tiny", task="retrieval", dropout=0.0,
+                                                 vocab_size=tok.vocab_size)).train()
+    out_ = model(batch)
+    out_.loss.backward()
+    assert set(out_.loss_parts) == {"itm", "mlm"} and torch.isfinite(out_.loss)
