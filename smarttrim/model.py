@@ -272,13 +272,8 @@ class _Run:
             self.records[name] = ("heads", num_heads if heads.key is None else len(heads.key), num_heads)
             return heads
         decision = decide(scores, self.tau, self.sample)
-        heads = Heads.from_decision(decision, self.prune)
-        if self.prune and decision.shape[0] == 1:
-            kept: Tensor | int = num_heads if heads.index is None else heads.index.numel()
-        else:
-            kept = decision.sum(1)
-        self.records[name] = ("heads", kept, num_heads)
-        return heads
+        self.records[name] = ("heads", decision.sum(1), num_heads)
+        return Heads.from_decision(decision, self.prune)
 
 
 class SmartTrimModel(nn.Module):
