@@ -175,6 +175,9 @@ class PretrainSection:
     """Steps between its checkpoints and validations (None = ``compute.checkpoint_every``)."""
     val_samples: int = 512
     """Validation pairs of its periodic ITM / MLM accuracy."""
+    vision_weight: float = 0.0
+    """Weight of the supervised visual objective on the built-in scenes' object labels (``smarttrim.pretraining``;
+    0 = METER's MLM + ITM only; needs ``source: shapes``)."""
     publish: str | None = None
     """``pipeline.run pretrain`` copies the export here with ``PRETRAINING.json`` (the config, the command, the
     sha256 of the weights, the measured ITM / MLM accuracy): how the repository's shipped checkpoint is made."""
@@ -183,6 +186,9 @@ class PretrainSection:
         if self.data.task not in ("caption", "retrieval"):
             raise ValueError(f"pretrain.data.task={self.data.task!r}: pre-training reads image-caption data "
                              "(caption or retrieval)")
+        if self.vision_weight and self.data.source != "shapes":
+            raise ValueError(f"pretrain.vision_weight={self.vision_weight!r}: the object labels come from the "
+                             f"built-in shapes scenes; source {self.data.source!r} has none (set it to 0)")
 
 
 @dataclass(frozen=True)

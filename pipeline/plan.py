@@ -120,17 +120,19 @@ def finetune_config(cfg: PipelineConfig, task: TaskConfig | None, shards: str, t
                     pretrained: str | None, objective: str = "task") -> FinetuneConfig:
     c = cfg.compute
     workers, every, val_samples = c.num_workers, c.checkpoint_every, FinetuneConfig.val_samples
+    vision = 0.0
     if objective == "pretrain":
         assert cfg.pretrain is not None
         train, val_split = cfg.pretrain.train, cfg.pretrain.val_split
         workers, every = cfg.pretrain.num_workers or workers, cfg.pretrain.checkpoint_every or every
-        val_samples = cfg.pretrain.val_samples
+        val_samples, vision = cfg.pretrain.val_samples, cfg.pretrain.vision_weight
     else:
         assert task is not None
         train, val_split = (task.backbone if trim is None else task.smarttrim), task.eval_split
     return FinetuneConfig(
         shards=shards, out="", preset=cfg.model.preset, init=init, pretrained=pretrained, dropout=cfg.model.dropout,
-        image_size=cfg.model.image_size, trim=trim, train=train, objective=objective, val_split=val_split,
+        image_size=cfg.model.image_size, trim=trim, train=train, objective=objective, vision_weight=vision,
+        val_split=val_split,
         val_samples=val_samples, num_workers=workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
         threads=c.threads, deepspeed=c.deepspeed, checkpoint_every=every, keep_checkpoints=c.keep_checkpoints,
         max_failures=c.max_failures)

@@ -60,8 +60,10 @@ def publish(cfg: PipelineConfig, shard: Stage, pre: Stage, dest: Path, command: 
     try:
         shutil.copytree(export, tmp, dirs_exist_ok=True)
         record: dict[str, Any] = {
-            "what": "a backbone pre-trained with METER's objectives (MLM + ITM with hard negatives); start "
-                    "fine-tunings from it with model.pretrained / FinetuneConfig.pretrained",
+            "what": "a backbone pre-trained with METER's objectives (MLM + ITM with hard negatives)"
+                    + (f" and the supervised visual objective on the scenes' object labels (vision_weight="
+                       f"{cfg.pretrain.vision_weight})" if cfg.pretrain.vision_weight else "")
+                    + "; start fine-tunings from it with model.pretrained / FinetuneConfig.pretrained",
             "command": command, **_git_state(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime()),
             "config": {"model": cfg.to_dict()["model"], "pretrain": cfg.to_dict()["pretrain"],

@@ -13,7 +13,7 @@ from typing import Any, Literal
 TokenTrimmerKind = Literal["cross_modal", "local", "random"]
 TOKEN_TRIMMERS: tuple[str, ...] = ("cross_modal", "local", "random")
 TASKS: tuple[str, ...] = ("vqa", "nlvr2", "snli_ve", "retrieval")
-PATCH_STEMS: tuple[str, ...] = ("linear", "conv")
+PATCH_STEMS: tuple[str, ...] = ("linear", "conv", "conv_context")
 TASK_NUM_LABELS: dict[str, int | None] = {"vqa": None, "nlvr2": 2, "snli_ve": 3, "retrieval": 2}
 
 
@@ -128,7 +128,9 @@ class ModelConfig:
     patch_stem: str = "linear"
     """How images become patch tokens: ``linear`` (CLIP's: one patch_size x patch_size convolution) or ``conv``
     (log2(patch_size) stride-2 3x3 convolutions with GELU, widths D/2^k: the "early convolutions" of Xiao et al.
-    2021, which a ViT trained from scratch on little data needs to learn shapes; see the meter-small preset)."""
+    2021, which a ViT trained from scratch on little data needs to learn shapes; see the meter-small preset) or
+    ``conv_context`` (``conv`` and one stride-1 3x3 convolution at the patch grid: a receptive field of ~4 patches
+    instead of ~2, so one token sees a whole object; see ``model.conv_stem``)."""
     # text encoder (transformers RobertaModel)
     vocab_size: int = 50265
     text_hidden: int = 768
@@ -165,9 +167,9 @@ class ModelConfig:
         _check(self.image_size % self.patch_size == 0, "image_size", self.image_size,
                f"must be a multiple of patch_size={self.patch_size}")
         _check(self.patch_stem in PATCH_STEMS, "patch_stem", self.patch_stem, f"must be one of {PATCH_STEMS}")
-        if self.patch_stem == "conv":
+        if self.patch_stem != "linear":
             _check(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0, "patch_size",
-                   self.patch_size, "must be a power of 2 >= 2 with patch_stem='conv'")
+                   self.patch_size, f"must be a power of 2 >= 2 with patch_stem={self.patch_stem!r}")
         for width, heads in (("vision_width", "vision_heads"), ("text_hidden", "text_heads"),
                              ("hidden_size", "cross_heads")):
             _check(getattr(self, width) % getattr(self, heads) == 0, width, getattr(self, width),
@@ -200,11 +202,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # forward on one CPU core (~260 M MACs at batch size 1, 2.6 M parameters): 96^2 images in 8^2 patches
     # (a 12 x 12 grid: 144 visual tokens, so trimmed layers still hold enough tokens to run compute-bound),
     # 4 ViT layers, 2 RoBERTa layers, 2 co-attention layers, width 128 with 4 heads everywhere. Its ViT is
-    # pre-trained here from scratch, not from CLIP's 400 M pairs: a convolutional stem gives it the inductive bias
-    # to learn shapes in that budget (with CLIP's linear patchify it reads colours at once but shapes at chance
-    # after 800 steps; with the stem, 84% after 400). No dropout: it trains on generated data.
+    # pre-trained here from scratch, not from CLIP's 400 M pairs, so its stem is convolutional. Measured with a
+    # supervised shape probe on one-object images (400 steps of 32, AdamW 3e-4): CLIP's linear patchify 0.31
+    # (after 800), the ``conv`` stem 0.49, ``conv_context`` (one more stride-1 3x3 convolution: each token sees
+    # 31 px, a whole object) 0.998; colours are read at once by all three. No dropout: it trains on generated data.
     "meter-small": dict(
-        name="meter-small", image_size=96, patch_size=8, patch_stem="conv", vision_width=128, vision_layers=4,
+        name="meter-small", image_size=96, patch_size=8, patch_stem="conv_context", vision_width=128, vision_layers=4,
         vision_heads=4,
         vocab_size=512, text_hidden=128, text_layers=2, text_heads=4, text_intermediate=512, max_text_len=24,
         text_max_positions=40, hidden_size=128, cross_layers=2, cross_heads=4, cross_intermediate=512, dropout=0.0,

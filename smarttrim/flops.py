@@ -62,12 +62,13 @@ def _attention_macs(n_q: int, n_kv: int, d_in_q: int, d_in_kv: int, d_out: int, 
 
 
 def _stem_macs(cfg: ModelConfig) -> int:
-    """Patch embedding: one p x p convolution (``linear``), or the ``conv`` stem's stride-2 3x3 convolutions."""
+    """Patch embedding: one p x p convolution (``linear``), or the ``conv`` stem's 3x3 convolutions."""
     if cfg.patch_stem == "linear":
         return cfg.num_patches * 3 * cfg.patch_size**2 * cfg.vision_width
     macs, side = 0, cfg.image_size
-    for conv in (m for m in conv_stem(cfg.patch_size, cfg.vision_width) if isinstance(m, nn.Conv2d)):
-        side //= 2
+    stem = conv_stem(cfg.patch_size, cfg.vision_width, context=cfg.patch_stem == "conv_context")
+    for conv in (m for m in stem if isinstance(m, nn.Conv2d)):
+        side //= conv.stride[0]
         macs += side * side * conv.in_channels * 9 * conv.out_channels
     return macs
 

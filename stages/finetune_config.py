@@ -50,6 +50,9 @@ class FinetuneConfig:
     objective: str = "task"
     """``task``: fine-tune on the shards' task; ``pretrain``: METER's MLM + ITM on image-caption shards
     (``stages.pretrain``; the model is the retrieval model plus an MLM head)."""
+    vision_weight: float = 0.0
+    """``pretrain`` only: weight of the supervised visual objective on the built-in scenes' object labels
+    (``smarttrim.pretraining``); 0 = METER's MLM + ITM only."""
     dropout: float | None = None
     """Override of the model's dropout (None = the preset's, or the init model's)."""
     image_size: int | None = None
@@ -113,6 +116,8 @@ class FinetuneConfig:
             raise ValueError(f"objective={self.objective!r}: must be one of {OBJECTIVES}")
         if self.objective == "pretrain" and self.trim is not None:
             raise ValueError("objective='pretrain' trains the backbone: trim must be None")
+        if not self.vision_weight >= 0.0 or (self.vision_weight and self.objective != "pretrain"):
+            raise ValueError(f"vision_weight={self.vision_weight!r}: must be >= 0, and 0 unless objective='pretrain'")
         if self.val_every is not None and self.val_every < 1:
             raise ValueError(f"val_every={self.val_every!r}: must be >= 1 or None")
         if self.val_samples < 1:
@@ -230,7 +235,7 @@ def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartT
     task, labels = model_task(cfg, manifest)
     if cfg.objective == "pretrain":
         mcfg = _new_config(cfg, task, labels)
-        model = PretrainModel(mcfg)
+        model = PretrainModel(mcfg, vision_weight=cfg.vision_weight)
         if cfg.init is not None or cfg.pretrained is not None:  # continue pre-training a model of ours
             start = cfg.init or cfg.pretrained
             load_pretrained(model.vlm, start) if Path(start).is_dir() else load_meter_checkpoint(model.vlm, start)

@@ -139,8 +139,8 @@ def export_model(module: SmartTrimModel | PretrainModel, weights: dict[str, torc
     """The exported model directory from the full fp32 state dict: a task model (``save_pretrained``) or, for
     pre-training, the ITM model plus its MLM head (``save_pretrain``)."""
     if isinstance(module, PretrainModel):
-        export = PretrainModel(module.config)
-        export.load_state_dict(weights)
+        export = PretrainModel(module.config, vision_weight=module.vision_weight)
+        export.load_state_dict(weights)  # the object head is not exported: fine-tuning starts from the backbone
         save_pretrain(export, path, extra={"tokenizer": "tokenizer"})
         return
     export = SmartTrimModel(module.config, module.trim_config)

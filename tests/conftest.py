@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -77,3 +81,12 @@ TINY_PIPELINE = [
     "ablations.target=2x", "ablations.variants=[no_self_distill]", "baselines.target=2x",
     "targets=[{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4},"
     " {name: 1.5x, token_target_vision: 0.6, token_target_text: 0.7, head_target: 0.6}]"]
+
+
+def bench_module(name: str) -> ModuleType:
+    """A script of ``bench/`` imported as a module (``bench`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

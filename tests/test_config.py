@@ -49,11 +49,13 @@ def test_presets() -> None:
         768, 12, 6, 768, 12)
     assert set(PRESETS) == {"meter-base", "meter-small", "meter-tiny"}
     small = model_config("meter-small", task="vqa", num_labels=20)
-    assert small.num_patches == 144 and small.patch_stem == "conv" and base.patch_stem == "linear"
+    assert small.num_patches == 144 and small.patch_stem == "conv_context" and base.patch_stem == "linear"
     with pytest.raises(ValueError, match="patch_stem"):
         model_config("meter-tiny", task="nlvr2", patch_stem="cnn")
     with pytest.raises(ValueError, match="power of 2"):
         model_config("meter-tiny", task="nlvr2", patch_stem="conv", patch_size=6, image_size=36)
+    with pytest.raises(ValueError, match="power of 2"):
+        model_config("meter-tiny", task="nlvr2", patch_stem="conv_context", patch_size=6, image_size=36)
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "snli_ve", "retrieval"])
@@ -86,3 +88,19 @@ def test_bad_batches_raise_clear_errors() -> None:
     nlvr2 = tiny("nlvr2")
     with pytest.raises(ValueError, match=r"\(2, 2, 3, 32, 32\)"):
         nlvr2({**nlvr2.dummy_batch(2), "pixel_values": torch.zeros(2, 3, 32, 32)})
+
+
+@pytest.mark.parametrize(("stem", "field"), [("conv", 15), ("conv_context", 31)])
+def test_conv_stem_receptive_field(stem: str, field: int) -> None:
+    """A token of the ``conv`` stem at patch 8 sees 15 x 15 pixels; ``conv_context`` adds a stride-1 3x3
+    convolution at the patch grid, so 31 x 31 (the gradient of one output token is zero outside that window)."""
+    import torch
+
+    from smarttrim.model import conv_stem
+
+    torch.manual_seed(0)
+    net = conv_stem(8, 32, context=stem == "conv_context")
+    image = torch.randn(1, 3, 96, 96, requires_grad=True)
+    net(image)[0, :, 6, 6].sum().backward()
+    rows, cols = (image.grad[0].abs().sum(0) > 0).nonzero(as_tuple=True)
+    assert int(rows.max() - rows.min()) + 1 == field and int(cols.max() - cols.min()) + 1 == field

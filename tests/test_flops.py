@@ -19,7 +19,8 @@ def _flops_and_analytic(model: smarttrim.SmartTrimModel, one: dict[str, torch.Te
 
 
 @pytest.mark.parametrize(("trim", "stem"), [(None, "linear"), (smarttrim.TrimConfig(vision_head_trim=True), "linear"),
-                                            (smarttrim.TrimConfig(vision_token_layers=(0, 1, 2)), "conv")])
+                                            (smarttrim.TrimConfig(vision_token_layers=(0, 1, 2)), "conv"),
+                                            (None, "conv_context")])
 def test_analytic_count_agrees_with_torchprofile(trim: smarttrim.TrimConfig | None, stem: str) -> None:
     model = tiny(trim=trim, patch_stem=stem)
     if trim is not None:

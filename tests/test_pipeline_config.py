@@ -119,6 +119,13 @@ def test_smarttrim_start_baselines_and_pretraining_in_the_graph(tmp_path: Path) 
     assert "pretrain/model" in plan["finetune/a/backbone"].deps and "pretrain/model" in plan["shard/a"].deps
     with pytest.raises(ValueError, match="pretrain.data.task"):
         load_config(own, ["pretrain.data.task=vqa"])
+    assert plan["pretrain/model"].config.vision_weight == 0.0  # METER's objectives unless asked
+    seen = {s.id: s for s in build_plan(load_config(own, ["pretrain.vision_weight=1.0"]), root=tmp_path / "runs")}
+    assert seen["pretrain/model"].config.vision_weight == 1.0
+    assert seen["pretrain/model"].out != plan["pretrain/model"].out
+    with pytest.raises(ValueError, match="vision_weight"):
+        load_config(own, ["pretrain.vision_weight=1.0", "pretrain.data.source=karpathy_coco",
+                          f"pretrain.data.root={tmp_path}"])
 
 
 def test_pareto_front_by_hand() -> None:

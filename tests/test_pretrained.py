@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 import smarttrim
 from pipeline.config import load_config
@@ -37,8 +38,15 @@ def test_shipped_checkpoint_is_what_its_record_says() -> None:
     model = smarttrim.load_model(SHIPPED)
     assert model.config.name == QUICKSTART.model.preset and model.config.task == "retrieval"
     ev = record["evaluation"]  # ITM: half the pairs are hard negatives (chance 0.5); MLM: against rolled images
-    assert ev["itm_accuracy"] > 0.7 and ev["mlm_accuracy"] > ev["mlm_accuracy_permuted_images"] + 0.1
+    assert ev["itm_accuracy"] > 0.65 and ev["mlm_accuracy"] > ev["mlm_accuracy_permuted_images"] + 0.15
     assert record["evaluation"]["split"] == "val" and record["training"]["steps"] == QUICKSTART.pretrain.train.max_steps
+
+
+def test_shipped_start_sees_shapes() -> None:
+    """Its visual encoder separates the four shapes of one-object images (``bench/perception.py``; measured 0.96,
+    an untrained one 0.47): what a fine-tuning needs to answer shape questions from the image."""
+    probe = bench_module("perception").probe_model(smarttrim.load_model(SHIPPED), n=600)
+    assert probe["shape"]["mean"] >= 0.85 and probe["color"]["mean"] >= 0.95, probe
 
 
 def test_recorded_numbers_hold_on_a_regenerated_sample(tmp_path: Path) -> None:

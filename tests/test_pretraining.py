@@ -13,9 +13,11 @@ from conftest import tiny
 
 import smarttrim
 from smarttrim.checkpoints import load_pretrained, pretrained_config
+from smarttrim.data import shapes
 from smarttrim.data.loader import LoaderConfig, make_loader
 from smarttrim.data.tokenizer import load_tokenizer
-from smarttrim.pretraining import IGNORE, PretrainModel, save_pretrain
+from smarttrim.model import _Run
+from smarttrim.pretraining import IGNORE, ObjectHead, PretrainModel, save_pretrain
 from stages.finetune_config import FinetuneConfig, build_initial_model
 from stages.pretrain import evaluate_pretraining, load_pretrain_model
 from stages.shard import ShardConfig
@@ -101,6 +103,63 @@ def test_pretrain_model_learns_both_objectives(captions: Path) -> None:
     last = {k: float(v) for k, v in model(batches[0]).loss_parts.items()}
     assert set(last) == {"itm", "mlm"} and model(batches[0]).keep_groups == {}
     assert last["mlm"] < 0.6 * first["mlm"], (first, last)
+
+
+def test_pretrain_batches_of_shapes_scenes_carry_their_object_labels(captions: Path) -> None:
+    import webdataset as wds
+
+    scenes = {s["__key__"]: json.loads(s["json"])["meta"]["scene"]
+              for s in wds.WebDataset(sorted(str(p) for p in captions.glob("train-*.tar")), shardshuffle=False)}
+    for batch in _batches(captions, n=2):
+        hot = batch["object_labels"]
+        assert hot.shape == (16, len(shapes.OBJECT_LABELS))
+        for row, key in enumerate(batch["keys"]):
+            objects = scenes[key]["objects"]
+            expected = {f"{o['color']} {o['shape']}" for o in objects} | {f"{o['size']} {o['shape']}" for o in objects}
+            assert {shapes.OBJECT_LABELS[i] for i in hot[row].nonzero()[:, 0].tolist()} == expected
+
+
+def test_object_head_pools_regions_not_cls() -> None:
+    head = ObjectHead(4, 6)
+    tokens = torch.randn(2, 5, 4)
+    tokens[:, 0] = 1e4  # the [CLS] token is not a region: never read
+    manual = torch.stack([head.proj(tokens[b, 1:]).max(0).values for b in range(2)])
+    torch.testing.assert_close(head(tokens), manual)
+
+
+def test_vision_objective_trains_the_visual_encoder(captions: Path) -> None:
+    """With ``vision_weight`` the loss has a third part, the object labels' cross-entropy, that reaches the patch
+    embedding; without it the model is METER's (no object head); a batch without labels is an error."""
+    cfg = smarttrim.model_config("meter-tiny", task="retrieval", dropout=0.0)
+    assert PretrainModel(cfg).object_head is None
+    with pytest.raises(ValueError, match="vision_weight"):
+        PretrainModel(cfg, vision_weight=-1.0)
+    with pytest.raises(ValueError, match="vision_weight"):
+        FinetuneConfig(shards=str(captions), out="x", vision_weight=1.0)  # objective 'task'
+    torch.manual_seed(0)
+    model = PretrainModel(cfg, vision_weight=2.0).train()
+    batches = _batches(captions, n=2)
+    out = model(batches[0])
+    assert set(out.loss_parts) == {"itm", "mlm", "objects"}
+    parts = out.loss_parts
+    torch.testing.assert_close(out.loss, parts["itm"] + parts["mlm"] + 2.0 * parts["objects"])
+    run = _Run(None, sample=False, prune=False, tau=1.0)  # the term alone, recomputed: it reaches the stem
+    tokens = model.vlm._encode_image(batches[0]["pixel_values"], torch.zeros(16, cfg.text_hidden), run).x
+    objects = torch.nn.functional.binary_cross_entropy_with_logits(model.object_head(tokens),
+                                                                   batches[0]["object_labels"])
+    torch.testing.assert_close(objects, parts["objects"])
+    stem = model.vlm.backbone.vision.patch_embed.proj.weight
+    assert float(torch.autograd.grad(objects, stem)[0].abs().sum()) > 0
+    with pytest.raises(ValueError, match="object_labels"):
+        model({k: v for k, v in batches[0].items() if k != "object_labels"})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = float(parts["objects"])
+    for _step in range(10):
+        for b in batches:
+            model(b).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert float(model(batches[0]).loss_parts["objects"]) < 0.7 * first
 
 
 def test_export_round_trips_and_starts_task_models(tmp_path: Path, captions: Path) -> None:

@@ -37,6 +37,8 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
+from smarttrim.data import shapes
+
 OBJECTIVES: tuple[str, ...] = ("task", "pretrain")
 PRETRAIN_TASKS: tuple[str, ...] = ("caption", "retrieval")
 """Shard tasks that hold image-caption pairs (what pre-training reads)."""
@@ -279,7 +281,8 @@ class Collate:
         ``HARD_NEGATIVE_POOL`` sharing the most words with the true caption (Jaccard). MLM: each non-special
         token masked with ``mlm_probability`` (at least one per caption); a masked token becomes <mask> 80% of
         the time, a random token 10%, itself 10%; ``mlm_labels`` hold the original ids there, ``IGNORE`` (-100)
-        elsewhere. Every draw is seeded by the samples' keys."""
+        elsewhere. Every draw is seeded by the samples' keys. Built-in ``shapes`` scenes (``meta["scene"]``) also
+        give ``object_labels``, (B, len(shapes.OBJECT_LABELS)) multi-hot: what each image shows."""
         captions = [list(s["info"]["texts"]) for s in samples]
         true = [c[self._rng(s["key"], "caption").randrange(len(c))] if self.train else c[0]
                 for s, c in zip(samples, captions, strict=True)]
@@ -319,6 +322,12 @@ class Collate:
                 elif u < 0.9:
                     masked[row, p] = rng.randrange(low, vocab)
         batch["mlm_input_ids"], batch["mlm_attention_mask"], batch["mlm_labels"] = masked, mask, labels
+        scenes = [s["info"].get("meta", {}).get("scene") for s in samples]
+        if all(scene is not None for scene in scenes):  # the built-in world: what each image shows
+            hot = torch.zeros(len(samples), len(shapes.OBJECT_LABELS))
+            for row, scene in enumerate(scenes):
+                hot[row, shapes.object_labels(scene)] = 1.0
+            batch["object_labels"] = hot
         return batch
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

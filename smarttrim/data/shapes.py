@@ -143,6 +143,22 @@ Props = dict[str, str]
 
 # ---------------------------------------------------------------- public API
 
+OBJECT_LABELS: tuple[str, ...] = (*(f"{c} {s}" for c in COLORS for s in SHAPES),
+                                  *(f"{z} {s}" for z in SIZES for s in SHAPES))
+"""What a scene shows, as labels of a visual encoder's supervised pre-training (``object_labels``): each object
+gives its colour-shape and its size-shape pair, so no label is told by colour or size alone."""
+
+
+def object_labels(scene: dict[str, Any]) -> list[int]:
+    """Sorted indices into ``OBJECT_LABELS`` of the pairs the objects of ``scene`` (``Sample.meta["scene"]``) show.
+    Objects under an ``snli_ve`` occluder are labelled too: pre-train on caption / retrieval scenes (none)."""
+    found = set()
+    for obj in scene["objects"]:
+        found.add(OBJECT_LABELS.index(f"{obj['color']} {obj['shape']}"))
+        found.add(OBJECT_LABELS.index(f"{obj['size']} {obj['shape']}"))
+    return sorted(found)
+
+
 def answer_vocabulary(task: str = "vqa") -> tuple[str, ...]:
     """The fixed answers of ``vqa`` (classifier index -> answer), or the labels of ``nlvr2`` / ``snli_ve``."""
     if task == "vqa":
@@ -901,6 +917,7 @@ _MAKERS = {"vqa": _vqa, "nlvr2": _nlvr2, "snli_ve": _snli_ve, "retrieval": _capt
 __all__ = ["ANNOTATORS", "ATTRIBUTES", "COLORS", "COLOR_RGB", "DEFAULT_SIZES", "MAX_OBJECTS", "MIN_OBJECTS",
            "NLVR2_TEMPLATES", "RELATIONS", "RELATION_MARGIN", "SHAPES", "SHAPES_SPLITS", "SIZES", "SIZE_RADIUS",
            "SNLI_VE_FAMILIES", "VQA_ANSWERS", "VQA_QUESTION_TYPES", "VQA_TYPE_WEIGHTS", "GENERATOR_VERSION",
-           "FOCUS_COVERAGE", "MajorityBaseline", "all_texts", "focus_patches", "object_patches",
+           "FOCUS_COVERAGE", "OBJECT_LABELS", "MajorityBaseline", "all_texts", "focus_patches", "object_labels",
+           "object_patches",
            "answer_vocabulary", "encode_png", "generate", "generate_splits", "majority_baseline", "nlvr2_truth",
            "snli_ve_label", "vqa_score"]
