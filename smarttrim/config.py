@@ -199,7 +199,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # METER's CLIP builds layers - 1 = 11 residual blocks (its checkpoints hold 11): so do we.
     "meter-base": dict(name="meter-base", vision_layers=11),
     # The quickstart's model: the layout of METER at a size where arithmetic, not per-op overhead, dominates a
-    # forward on one CPU core (~260 M MACs at batch size 1, 2.6 M parameters): 96^2 images in 8^2 patches
+    # forward on one CPU core (~281 M matmul MACs at batch size 1, 2.7 M parameters): 96^2 images in 8^2 patches
     # (a 12 x 12 grid: 144 visual tokens, so trimmed layers still hold enough tokens to run compute-bound),
     # 4 ViT layers, 2 RoBERTa layers, 2 co-attention layers, width 128 with 4 heads everywhere. Its ViT is
     # pre-trained here from scratch, not from CLIP's 400 M pairs, so its stem is convolutional. Measured with a

@@ -66,8 +66,7 @@ def _stem_macs(cfg: ModelConfig) -> int:
     if cfg.patch_stem == "linear":
         return cfg.num_patches * 3 * cfg.patch_size**2 * cfg.vision_width
     macs, side = 0, cfg.image_size
-    stem = conv_stem(cfg.patch_size, cfg.vision_width, context=cfg.patch_stem == "conv_context")
-    for conv in (m for m in stem if isinstance(m, nn.Conv2d)):
+    for conv in (m for m in conv_stem(cfg.patch_size, cfg.vision_width, cfg.patch_stem) if isinstance(m, nn.Conv2d)):
         side //= conv.stride[0]
         macs += side * side * conv.in_channels * 9 * conv.out_channels
     return macs

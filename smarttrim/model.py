@@ -39,23 +39,24 @@ def build_vision(cfg: ModelConfig) -> VisionTransformer:
         norm_layer=partial(nn.LayerNorm, eps=1e-5), act_layer=cfg.vision_act, num_classes=0, global_pool="",
     )
     if cfg.patch_stem != "linear":  # same interface: (B, 3, H, W) -> (B, D, H/p, W/p), flattened by timm
-        vit.patch_embed.proj = conv_stem(cfg.patch_size, cfg.vision_width, context=cfg.patch_stem == "conv_context")
+        vit.patch_embed.proj = conv_stem(cfg.patch_size, cfg.vision_width, cfg.patch_stem)
     for i, block in enumerate(vit.blocks):  # our attention re-implements timm's; guard what it omits
         if not isinstance(block.attn.norm, nn.Identity):
             raise ValueError(f"vision block {i}: timm attention scale-norm is not supported")
     return vit
 
 
-def conv_stem(patch_size: int, width: int, context: bool = False) -> nn.Sequential:
+def conv_stem(patch_size: int, width: int, stem: str = "conv") -> nn.Sequential:
     """log2(patch_size) stride-2 3x3 convolutions, GELU between them, widths width / 2^k up to ``width``
     (Xiao et al. 2021, "Early convolutions help transformers see better").
 
-    ``context`` (``patch_stem="conv_context"``) adds one stride-1 3x3 convolution at the patch grid, which widens
-    each token's receptive field from 15 to 31 px at patch 8, so that one token sees a whole object of the built-in
-    world. Measured on one-object images (``bench/one_object`` drawings, meter-small, shape labels, mean-pooled
-    tokens, AdamW 3e-4, batch 32, ``bench``-style probe): 0.998 shape accuracy after 400 steps with it, 0.49
-    without it (colour is 1.0 either way).
+    ``stem="conv_context"`` (``ModelConfig.patch_stem``) adds one stride-1 3x3 convolution at the patch grid, which
+    widens each token's receptive field from 15 to 31 px at patch 8, so that one token sees a whole object of the
+    built-in world. Measured on one-object images (``bench/one_object`` drawings, meter-small trained on their
+    shape labels from mean-pooled tokens, AdamW 3e-4, batch 32): 0.998 shape accuracy after 400 steps with it,
+    0.49 without it (colour is 1.0 either way).
     """
+    context = stem == "conv_context"
     steps = patch_size.bit_length() - 1
     widths = [3] + [width // 2 ** (steps - 1 - k) for k in range(steps)]
     layers: list[nn.Module] = []

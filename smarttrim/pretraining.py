@@ -167,7 +167,8 @@ def save_pretrain(model: PretrainModel, path: str | os.PathLike[str], extra: dic
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.mlm_head.state_dict().items()}
     atomic_write(out / MLM_HEAD_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "smarttrim-mlm-head"}))
-    return save_pretrained(model.vlm, out, extra={"pretraining": "mlm+itm", **(extra or {})})  # config.json last
+    objectives = "mlm+itm+objects" if model.object_head is not None else "mlm+itm"
+    return save_pretrained(model.vlm, out, extra={"pretraining": objectives, **(extra or {})})  # config.json last
 
 
 __all__ = ["IGNORE", "MLM_HEAD_FILE", "MLMHead", "ObjectHead", "PretrainModel", "PretrainOutput", "pretrain_accuracy",

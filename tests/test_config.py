@@ -99,7 +99,7 @@ def test_conv_stem_receptive_field(stem: str, field: int) -> None:
     from smarttrim.model import conv_stem
 
     torch.manual_seed(0)
-    net = conv_stem(8, 32, context=stem == "conv_context")
+    net = conv_stem(8, 32, stem)
     image = torch.randn(1, 3, 96, 96, requires_grad=True)
     net(image)[0, :, 6, 6].sum().backward()
     rows, cols = (image.grad[0].abs().sum(0) > 0).nonzero(as_tuple=True)

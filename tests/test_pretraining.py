@@ -127,7 +127,7 @@ def test_object_head_pools_regions_not_cls() -> None:
     torch.testing.assert_close(head(tokens), manual)
 
 
-def test_vision_objective_trains_the_visual_encoder(captions: Path) -> None:
+def test_vision_objective_trains_the_visual_encoder(tmp_path: Path, captions: Path) -> None:
     """With ``vision_weight`` the loss has a third part, the object labels' cross-entropy, that reaches the patch
     embedding; without it the model is METER's (no object head); a batch without labels is an error."""
     cfg = smarttrim.model_config("meter-tiny", task="retrieval", dropout=0.0)
@@ -160,6 +160,8 @@ def test_vision_objective_trains_the_visual_encoder(captions: Path) -> None:
             opt.step()
             opt.zero_grad()
     assert float(model(batches[0]).loss_parts["objects"]) < 0.7 * first
+    out_dir = save_pretrain(model, tmp_path / "pre")  # the export is the backbone; it says how it was trained
+    assert json.loads((out_dir / "config.json").read_text())["pretraining"] == "mlm+itm+objects"
 
 
 def test_export_round_trips_and_starts_task_models(tmp_path: Path, captions: Path) -> None:
