@@ -43,6 +43,7 @@ def model_entry(meta: dict[str, Any], evaluation: dict[str, Any], profile: dict[
         "speedup": {k: speedup[k] for k in ("latency_bs1", "throughput", "flops", "latency_efficiency",
                                             "throughput_efficiency") if k in speedup} or None,
         "keep": evaluation.get("keep", {}), "model_dir": model_dir, "mlflow_run_id": mlflow_run_id,
+        "by_kind": evaluation.get("by_kind") or None,
     }
 
 
@@ -55,8 +56,8 @@ def prior_entries(task: str, shard_summary: dict[str, Any], split: str, metric_n
             out.append({"name": f"{task}/{name}", "kind": "prior", "task": task, "target": None, "start": None,
                         "metric_name": metric_name, "metric": score, "gflops_mean": None, "flops_ratio": None,
                         "latency_ms_bs1": None, "throughput": None, "speedup": None, "keep": {},
-                        "permuted_metric": None, "permuted_changed": None, "focus": None, "model_dir": None,
-                        "mlflow_run_id": None})
+                        "permuted_metric": None, "permuted_changed": None, "focus": None, "by_kind": None,
+                        "model_dir": None, "mlflow_run_id": None})
     return out
 
 
@@ -116,6 +117,29 @@ def _origin(start: str | None, source: str | None) -> str:
     return "scratch (random initialization)"
 
 
+def _kind_table(task: str, metric: str, models: list[dict[str, Any]]) -> list[str]:
+    """Per question kind: each model's metric / the metric with permuted images, next to the kind's text-only
+    baseline (empty when no model has a per-kind breakdown)."""
+    if not models:
+        return []
+    kinds = sorted({k for e in models for k in e["by_kind"]})
+    lines = ["", f"## {task}: {metric} per question kind (does each kind use the image?)", "",
+             "Each cell: the metric / the metric with permuted images. A kind whose metric equals its permuted "
+             "metric and its text-only baseline is answered from the question alone.", "",
+             "| kind | instances | text-only | " + " | ".join(_short(e) for e in models) + " |",
+             "|---|---|---|" + "---|" * len(models)]
+    for kind in kinds:
+        first = next(e["by_kind"][kind] for e in models if kind in e["by_kind"])
+        cells = []
+        for e in models:
+            k = e["by_kind"].get(kind)
+            cells.append("" if k is None else f"{k['metric']:.3f}" + (
+                f" / {k['permuted_metric']:.3f}" if k.get("permuted_metric") is not None else ""))
+        lines.append(f"| {kind} | {first['instances']} | {_fmt(first.get('text_only_baseline'), '.3f')} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any], title: str) -> str:
     """The paper-style tables: main results per task (with the answer priors and the two sanity checks), the
     text guidance of the trimming (cross-modal vs local trimmer), then the ablations (Table 6)."""
@@ -156,6 +180,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
                 red = _x(1 / e["flops_ratio"]) if e["flops_ratio"] else ""
                 lines.append(f"| {_short(e)} | {e['metric']:.4f} | {red} | {f['precision']:.3f} | {f['chance']:.3f} | "
                              f"{f['lift']:.2f} | {f['recall']:.3f} | {f['kept_patches']:.1f} |")
+        lines += _kind_table(task, metric, [e for e in rows if e.get("by_kind") and e["kind"] != "ablation"])
         ablations = [e for e in rows if e["kind"] == "ablation"]
         if ablations:
             ref = next((e for e in rows if e["kind"] == "smarttrim" and e["target"] == ablations[0]["target"]), None)

@@ -97,7 +97,9 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
                    "permuted_metric": entry["permuted_metric"], "permuted_changed": entry["permuted_changed"],
                    **{f"speedup_{k}": v for k, v in (entry["speedup"] or {}).items()},
                    **{f"focus_{k}": v for k, v in (entry["focus"] or {}).items()},
-                   **{f"keep_{g}": v for g, v in entry["keep"].items()}}
+                   **{f"keep_{g}": v for g, v in entry["keep"].items()},
+                   **{f"kind/{k}/{name}": v[name] for k, v in (entry["by_kind"] or {}).items()
+                      for name in ("metric", "permuted_metric") if v.get(name) is not None}}
         entry["mlflow_run_id"] = tracker.log_model(
             s.out.name, entry["name"], {"model": s.meta, "finetune": s.config.to_dict()}, metrics, history,
             [s.out / "metrics.json", s.out / "curves.png", pr_out / "flops_hist.png", ev_out / "metrics.json"])

@@ -22,6 +22,9 @@ manifest). Two checks of what the number means:
   against the share of all patches that does (``chance``), their ratio (``lift``), and the share of those
   objects' patches kept (``recall``); per instance in ``predictions.jsonl`` too. The untrimmed backbone
   keeps every patch: lift 1.
+* ``by_kind`` (where the source names question kinds: VQA v2's answer types, the built-in data's question
+  types, ``records.question_kind``): the metric per kind next to that kind's text-only baseline, with permuted
+  images too, so a model that reads its image for colours but answers "is there ..." from the prior shows.
 
 Retrieval (METER/ViLT protocol): the split is one gallery of I images and all T of their true captions. A
 pair's score is the ITM head's logit margin, logit(match) - logit(no match) (the log-odds of a match; it
@@ -56,6 +59,7 @@ from torch import Tensor
 from smarttrim.data import shapes
 from smarttrim.data.gallery import Gallery, read_gallery
 from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
+from smarttrim.data.records import question_kind
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
 from stages.common import (
@@ -162,6 +166,9 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
                                    "score": float(permuted_scores[i])}
             if focus is not None:
                 row["focus"] = focus.add(batch["meta"][i], out.image_positions[i].cpu(), out.image_keep[i].cpu())
+            kind = question_kind(batch["meta"][i])
+            if kind is not None:
+                row["kind"] = kind
             rows.append(row)
     if not rows:
         raise ValueError(f"{cfg.shards}: split {cfg.split!r} is empty")
@@ -181,7 +188,32 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
                       "instance gets another instance's image, the texts stay)"}
     if focus is not None:
         measured["focus"] = focus.summary()
+    by_kind = metrics_by_kind(rows, manifest.get("text_only_baseline", {}).get("by_kind", {}).get(cfg.split, {}))
+    if by_kind:
+        measured["by_kind"] = by_kind
     return rows, measured
+
+
+def metrics_by_kind(rows: list[dict[str, Any]], text_only: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per question kind (the rows' ``kind``, ``records.question_kind``): instances, the metric, the text-only
+    baseline of that kind (from the shard manifest; None when it has none) and, when measured, the metric with
+    permuted images and the share of changed predictions: which kinds of question the model answers from the
+    image, and which from the question's prior. Empty when no row has a kind."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "kind" in r:
+            groups.setdefault(r["kind"], []).append(r)
+    out = {}
+    for kind, group in sorted(groups.items()):
+        entry: dict[str, Any] = {"instances": len(group), "metric": sum(r["score"] for r in group) / len(group),
+                                 "text_only_baseline": (text_only.get(kind) or {}).get("score")}
+        permuted = [r for r in group if "permuted" in r]
+        if permuted:
+            entry["permuted_metric"] = sum(r["permuted"]["score"] for r in permuted) / len(permuted)
+            entry["permuted_changed"] = sum(r["permuted"]["prediction"] != r["prediction"] for r in permuted) / len(
+                permuted)
+        out[kind] = entry
+    return out
 
 
 def permuted_predictions(model: SmartTrimModel, inputs: dict[str, Any]) -> Tensor:

@@ -38,7 +38,15 @@ from PIL import Image
 
 from smarttrim.atomic import replace_dir, temp_dir_beside
 from smarttrim.data import readers, shapes
-from smarttrim.data.records import NLVR2_LABELS, SNLI_VE_LABELS, TASK_FLAVORS, BadRecord, DataError, Sample
+from smarttrim.data.records import (
+    NLVR2_LABELS,
+    SNLI_VE_LABELS,
+    TASK_FLAVORS,
+    BadRecord,
+    DataError,
+    Sample,
+    question_kind,
+)
 from stages.common import stage_parser
 
 FORMAT = "smarttrim-shards"
@@ -230,6 +238,8 @@ class SplitResult:
     """Per sample: label id (str) -> score (VQA soft scores; 1.0 for the class of NLVR2 / SNLI-VE)."""
     questions: list[str] = field(default_factory=list)
     """Per labelled sample: the text evaluation reads (its first), aligned with ``label_scores``."""
+    kinds: list[str | None] = field(default_factory=list)
+    """Per labelled sample: its ``records.question_kind`` (None when the source gives none), aligned too."""
     texts: list[str] = field(default_factory=list)
 
 
@@ -263,6 +273,7 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int])
             else:
                 continue
             result.questions.append(item.texts[0])
+            result.kinds.append(question_kind(item.meta))
             result.texts.extend(item.texts)
     for file in sorted(Path(tmp).glob(f"{split}-*.tar")):
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
@@ -333,7 +344,9 @@ def text_only_baseline(results: list[SplitResult]) -> dict[str, Any]:
     text of the reference split, its most frequent label there; a text never seen there gets the majority label.
 
     Scored on every split (VQA: mean soft score; NLVR2 / SNLI-VE: accuracy), with ``coverage``: the share of the
-    split's questions whose text occurs in the reference split. A model that beats it uses the image."""
+    split's questions whose text occurs in the reference split. A model that beats it uses the image. Where the
+    source names question kinds (``records.question_kind``), ``by_kind`` holds the score and instance count per
+    kind and split, so that each kind's metric can be read against its own prior."""
     ref = reference_split(results)
     if ref is None:
         return {}
@@ -342,15 +355,22 @@ def text_only_baseline(results: list[SplitResult]) -> dict[str, Any]:
         by_text.setdefault(normalize_question(text), []).append(scores)
     answer = {text: _best_label(group) for text, group in by_text.items()}
     fallback = _best_label(ref.label_scores)
-    score, coverage = {}, {}
+    score, coverage, by_kind = {}, {}, {}
     for r in results:
         if not r.label_scores:
             continue
         keys = [normalize_question(t) for t in r.questions]
-        score[r.split] = sum(s.get(answer.get(k, fallback), 0.0) for k, s in zip(keys, r.label_scores, strict=True)
-                             ) / len(r.label_scores)
+        hits = [s.get(answer.get(k, fallback), 0.0) for k, s in zip(keys, r.label_scores, strict=True)]
+        score[r.split] = sum(hits) / len(hits)
         coverage[r.split] = sum(k in answer for k in keys) / len(keys)
-    return {"fitted_on": ref.split, "distinct_texts": len(answer), "score": score, "coverage": coverage}
+        groups: dict[str, list[float]] = {}
+        for kind, hit in zip(r.kinds, hits, strict=False):
+            if kind is not None:
+                groups.setdefault(kind, []).append(hit)
+        if groups:
+            by_kind[r.split] = {k: {"score": sum(v) / len(v), "instances": len(v)} for k, v in sorted(groups.items())}
+    out = {"fitted_on": ref.split, "distinct_texts": len(answer), "score": score, "coverage": coverage}
+    return {**out, "by_kind": by_kind} if by_kind else out
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -18,6 +18,7 @@ import smarttrim
 from smarttrim.data import shapes
 from smarttrim.data.gallery import read_gallery
 from smarttrim.data.loader import LoaderConfig, load_image, make_loader
+from smarttrim.data.records import question_kind
 from smarttrim.data.shapes import generate
 from smarttrim.data.tokenizer import load_tokenizer
 from smarttrim.flops import strip_padding
@@ -105,6 +106,19 @@ def test_permuted_images_and_focus_are_recomputed(tmp_path: Path) -> None:
     assert f["chance"] == pytest.approx(sum(r[1] for r in focus_rows) / len(focus_rows))
     assert f["lift"] == pytest.approx(f["precision"] / f["chance"]) and 0 <= f["recall"] <= 1
     assert result.metrics["text_only_baseline"] is not None
+    # per question kind: each kind's rows, recomputed from the rows and the samples' meta
+    kinds = {s.key: question_kind(s.meta) for s in generate("vqa", "val", 21, image_size=16)}
+    assert {k: r["kind"] for k, r in rows.items()} == kinds and None not in kinds.values()
+    by_kind = result.metrics["by_kind"]
+    assert set(by_kind) == set(kinds.values()) and sum(e["instances"] for e in by_kind.values()) == 21
+    for kind, e in by_kind.items():
+        group = [r for key, r in rows.items() if kinds[key] == kind]
+        assert e["metric"] == pytest.approx(sum(r["score"] for r in group) / len(group))
+        assert e["permuted_metric"] == pytest.approx(sum(r["permuted"]["score"] for r in group) / len(group))
+        assert e["permuted_changed"] == pytest.approx(
+            sum(r["permuted"]["prediction"] != r["prediction"] for r in group) / len(group))
+    manifest = json.loads((shards / "manifest.json").read_text())["text_only_baseline"]["by_kind"]["val"]
+    assert {k: e["text_only_baseline"] for k, e in by_kind.items()} == {k: v["score"] for k, v in manifest.items()}
     # the untrimmed backbone keeps every patch: precision = chance
     tiny("vqa", num_labels=len(labels)).save_pretrained(tmp_path / "backbone")
     full = run(EvaluateConfig(model=str(tmp_path / "backbone"), shards=str(shards), out=str(tmp_path / "e2"),

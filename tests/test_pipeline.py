@@ -48,7 +48,7 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
     assert report["text_only_baseline"]["shapes-vqa"] == entries["shapes-vqa/text_only"]["metric"] > 0
     fields = {"name", "kind", "task", "metric_name", "metric", "gflops_mean", "flops_ratio", "latency_ms_bs1",
               "throughput", "keep", "model_dir", "mlflow_run_id", "speedup", "permuted_metric", "permuted_changed",
-              "focus", "start"}
+              "focus", "start", "by_kind"}
     for name, e in entries.items():
         assert fields <= set(e), name
         if e["kind"] == "prior":
@@ -58,6 +58,8 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
         assert e["speedup"]["flops"] == pytest.approx(1 / e["flops_ratio"]) and e["speedup"]["latency_bs1"] > 0
         assert 0 <= e["permuted_changed"] <= 1 and 0 <= e["permuted_metric"] <= 1
         assert e["focus"]["chance"] > 0 and e["start"] == "scratch", name  # meter-tiny without a checkpoint
+        assert {"attribute/color", "exists"} <= set(e["by_kind"]), name
+        assert all(k["text_only_baseline"] is not None and "permuted_metric" in k for k in e["by_kind"].values())
     assert entries["shapes-vqa/backbone"]["flops_ratio"] == 1.0 and entries["shapes-vqa/backbone"]["keep"] == {}
     assert entries["shapes-vqa/backbone"]["focus"]["lift"] == pytest.approx(1.0)
     for name in ("smarttrim-2x", "smarttrim-1.5x", "no_self_distill-2x", "local-2x"):
@@ -72,6 +74,7 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
     md = (run_dir / "report.md").read_text()
     assert "main results" in md and "ablations at target 2x" in md and "| smarttrim-2x |" in md
     assert "text-only (best answer per question text)" in md and "does the text guide the trimming?" in md
+    assert "vqa_score per question kind" in md and "| attribute/color |" in md
     assert "Start: every model is fine-tuned once from scratch" in md
     assert (run_dir / "pareto.png").stat().st_size > 10_000
     assert not (ROOT / "mlruns").exists(), "MLflow artifacts stay in the run directory"
@@ -91,6 +94,7 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
             assert child.data.metrics["gflops"] == pytest.approx(e["gflops_mean"])
             assert child.data.metrics["flops_ratio"] == pytest.approx(e["flops_ratio"])
             assert child.data.metrics["speedup_latency_bs1"] == pytest.approx(e["speedup"]["latency_bs1"])
+            assert child.data.metrics["kind/exists/metric"] == pytest.approx(e["by_kind"]["exists"]["metric"])
             assert "finetune.train.lr" in child.data.params
 
     markers = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")}

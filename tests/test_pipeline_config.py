@@ -148,3 +148,22 @@ def test_report_says_where_each_model_started() -> None:
     line = _start_line(mixed)
     assert "the backbone is fine-tuned from the pre-trained model `p/m`" in line
     assert "SmartTrim and its variants from the fine-tuned backbone `runs/b/model`" in line
+
+
+def test_report_table_per_question_kind() -> None:
+    from pipeline.report import _kind_table
+
+    def model(name: str, by_kind: dict) -> dict:
+        return {"name": f"t/{name}", "kind": "backbone", "by_kind": by_kind}
+
+    a = model("backbone", {"exists": {"instances": 10, "metric": 0.61, "text_only_baseline": 0.6,
+                                      "permuted_metric": 0.6},
+                           "attribute/color": {"instances": 5, "metric": 0.9, "text_only_baseline": 0.2,
+                                               "permuted_metric": 0.25}})
+    b = model("smarttrim-2x", {"exists": {"instances": 10, "metric": 0.5, "text_only_baseline": 0.6}})
+    lines = _kind_table("t", "vqa_score", [a, b])
+    assert lines[1].startswith("## t: vqa_score per question kind")
+    assert "| kind | instances | text-only | backbone | smarttrim-2x |" in lines
+    assert "| attribute/color | 5 | 0.200 | 0.900 / 0.250 |  |" in lines, "kinds sorted; a model without it: empty"
+    assert "| exists | 10 | 0.600 | 0.610 / 0.600 | 0.500 |" in lines
+    assert _kind_table("t", "vqa_score", []) == []

@@ -482,3 +482,20 @@ def test_vqa_mix_mostly_names_one_object() -> None:
     assert types["attribute"] / len(samples) > 0.45
     one = sum(len(s.meta["focus"]) == 1 for s in samples) / len(samples)
     assert one > 0.45, "most questions point at a single object"
+
+
+def test_question_kind_of_every_flavor_and_of_vqa_v2() -> None:
+    from smarttrim.data.records import question_kind
+
+    vqa = _gen("vqa", 200, image_size=16)
+    kinds = Counter(question_kind(s.meta) for s in vqa)
+    attributes = {f"attribute/{a}" for a in shapes.ATTRIBUTES}
+    assert set(kinds) == attributes | set(shapes.VQA_QUESTION_TYPES) - {"attribute"}
+    assert all(question_kind(s.meta) == f"attribute/{s.meta['program']['query']}" for s in vqa
+               if s.meta["qtype"] == "attribute")
+    assert {question_kind(s.meta) for s in _gen("nlvr2", 60, image_size=16)} <= set(shapes.NLVR2_TEMPLATES)
+    assert {question_kind(s.meta) for s in _gen("snli_ve", 60, image_size=16)} == set(shapes.SNLI_VE_FAMILIES)
+    assert question_kind(_gen("caption", 1, image_size=16)[0].meta) is None
+    # VQA v2 annotations name an answer type (the official evaluation's per-type breakdown)
+    assert question_kind({"answer_type": "yes/no", "question_type": "is there a"}) == "yes/no"
+    assert question_kind({"question_id": 1}) is None

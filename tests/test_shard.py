@@ -94,6 +94,22 @@ def test_text_only_baseline_is_the_best_answer_per_question_text() -> None:
     assert base["score"]["val"] == pytest.approx((0.0 + 0.9 + 1.0) / 3)
     assert base["score"]["train"] == pytest.approx((1.0 + 0.6 + 1.0 + 0.3) / 4)
     assert base["coverage"] == {"train": 1.0, "val": pytest.approx(2 / 3)}
+    assert "by_kind" not in base, "no kinds named, no breakdown"
+
+
+def test_text_only_baseline_per_question_kind() -> None:
+    """The same prior, scored per kind (``records.question_kind``); instances without a kind are left out."""
+    train = SplitResult("train", questions=["what color ?", "is there a cube ?", "is there a cube ?"],
+                        label_scores=[{"0": 1.0}, {"1": 1.0}, {"1": 1.0}], kinds=["other", "yes/no", "yes/no"])
+    val = SplitResult("val", questions=["what color ?", "what color ?", "is there a cube ?", "why ?"],
+                      label_scores=[{"0": 1.0}, {"2": 1.0}, {"0": 0.3}, {"1": 1.0}],
+                      kinds=["other", "other", "yes/no", None])
+    base = text_only_baseline([train, val])
+    assert base["by_kind"]["val"] == {"other": {"score": 0.5, "instances": 2},
+                                      "yes/no": {"score": 0.0, "instances": 1}}
+    assert base["by_kind"]["train"] == {"other": {"score": 1.0, "instances": 1},
+                                        "yes/no": {"score": 1.0, "instances": 2}}
+    assert base["score"]["val"] == pytest.approx((1.0 + 0.0 + 0.0 + 1.0) / 4), "the unseen text gets the majority"
 
 
 def test_shapes_manifest_records_both_baselines_and_one_tokenizer(tmp_path: Path) -> None:
@@ -101,6 +117,8 @@ def test_shapes_manifest_records_both_baselines_and_one_tokenizer(tmp_path: Path
                           shard_size=100)).manifest
     text_only, majority = vqa["text_only_baseline"]["score"]["val"], vqa["majority_baseline"]["score"]["val"]
     assert majority < text_only < 0.7, "the question narrows the answer; only the image decides it"
+    kinds = vqa["text_only_baseline"]["by_kind"]["val"]
+    assert sum(k["instances"] for k in kinds.values()) == 100 and "attribute/color" in kinds and "exists" in kinds
     cap = run(ShardConfig(source="shapes", task="caption", out=str(tmp_path / "c"), shapes_sizes=(4, 4, 4))).manifest
     assert cap["text_only_baseline"] == {} and cap["majority_baseline"] == {}
     a = json.loads((tmp_path / "v" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]

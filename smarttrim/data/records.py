@@ -70,3 +70,22 @@ class BadRecord:
     """A record that could not be turned into a ``Sample``; ``error`` says where and why."""
 
     error: DataError
+
+
+def question_kind(meta: dict[str, Any]) -> str | None:
+    """The kind of question an instance asks (``Sample.meta``, as stored in the shards), for metrics per kind as
+    the official VQA evaluation reports them per answer type: VQA v2's ``answer_type`` (``yes/no``, ``number``,
+    ``other``) when annotated; for the built-in ``shapes`` data its question type (vqa ``qtype``, an attribute
+    question by the attribute it asks: ``attribute/color``), its statement template (nlvr2) or hypothesis family
+    (snli_ve); None when the source says nothing (the per-kind breakdown is then omitted)."""
+    if isinstance(meta.get("answer_type"), str):
+        return meta["answer_type"]
+    qtype = meta.get("qtype")
+    if isinstance(qtype, str):
+        query = (meta.get("program") or {}).get("query")
+        return f"{qtype}/{query}" if qtype == "attribute" and isinstance(query, str) else qtype
+    for field_name, key in (("statement", "template"), ("hypothesis", "family")):
+        value = (meta.get(field_name) or {}).get(key) if isinstance(meta.get(field_name), dict) else None
+        if isinstance(value, str):
+            return value
+    return None
