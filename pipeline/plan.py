@@ -176,7 +176,7 @@ def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
                              (shard.id, *start_deps), root, identity)
         models = [backbone]
         if cfg.smarttrim_start == "backbone":
-            init, start, deps, ident = str(backbone.out / "model"), None, (backbone.id,), None
+            init, start, deps, ident = str(backbone.out / "model"), None, (shard.id, backbone.id), None
         else:
             init, start, deps, ident = None, pretrained, (shard.id, *start_deps), identity
         for target in cfg.targets:
@@ -192,7 +192,7 @@ def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
                                         deps, root, ident, target.name))
         stages += models
         for model in models:
-            stages += measure_stages(cfg, task, shards, model, root)
+            stages += measure_stages(cfg, task, shard, model, root)
     return stages
 
 
@@ -207,9 +207,11 @@ def _finetune(cfg: PipelineConfig, task: TaskConfig, shards: str, trim: Any, ini
                   "start_from": init or pretrained})
 
 
-def measure_stages(cfg: PipelineConfig, task: TaskConfig, shards: str, model: Stage, root: Path) -> list[Stage]:
-    """Evaluate and profile stages of a trained model (``model``: its finetune stage)."""
-    name, model_dir = model.meta["name"], str(model.out / "model")
+def measure_stages(cfg: PipelineConfig, task: TaskConfig, shard: Stage, model: Stage, root: Path) -> list[Stage]:
+    """Evaluate and profile stages of a trained model (``model``: its finetune stage) on the shards of ``shard``.
+    Both depend on the shard stage as well as the model: a recomputed (``--force``) shard stage replaces the
+    directory they read, so they wait for it even when the fine-tuning is cached."""
+    name, model_dir, shards = model.meta["name"], str(model.out / "model"), shard.config.out
     e, p = cfg.evaluate, cfg.profile
     ev = _placed("evaluate", f"{task.name}-{name}", EvaluateConfig(
         model=model_dir, shards=shards, out="", split=task.eval_split, threads=e.threads, batch_size=e.batch_size,
@@ -217,8 +219,9 @@ def measure_stages(cfg: PipelineConfig, task: TaskConfig, shards: str, model: St
     pr = _placed("profile", f"{task.name}-{name}", ProfileConfig(
         model=model_dir, shards=shards, out="", split=task.eval_split, threads=p.threads, instances=p.instances,
         batch_size=p.batch_size), root)
-    return [Stage(f"evaluate/{task.name}/{name}", "evaluate", ev, (model.id,), model.meta),
-            Stage(f"profile/{task.name}/{name}", "profile", pr, (model.id,), model.meta)]
+    deps = (shard.id, model.id)
+    return [Stage(f"evaluate/{task.name}/{name}", "evaluate", ev, deps, model.meta),
+            Stage(f"profile/{task.name}/{name}", "profile", pr, deps, model.meta)]
 
 
 __all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "finetune_config", "measure_stages", "model_image_size",

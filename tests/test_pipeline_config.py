@@ -103,7 +103,9 @@ def test_smarttrim_start_baselines_and_pretraining_in_the_graph(tmp_path: Path) 
     assert plan["shard/a"].config.tokenizer == str((pre / "tokenizer").resolve()), "the model's own tokenizer"
     other = {s.id: s for s in build_plan(load_config(path, ["smarttrim_start=backbone"]), root=tmp_path / "runs")}
     st2 = other["finetune/a/smarttrim-2x"]
-    assert st2.deps == ("finetune/a/backbone",) and st2.meta["start"] == "backbone"
+    assert st2.deps == ("shard/a", "finetune/a/backbone") and st2.meta["start"] == "backbone"
+    for sid in ("evaluate/a/smarttrim-2x", "profile/a/backbone"):  # they read the shards too (--force shard)
+        assert plan[sid].deps == ("shard/a", f"finetune/a/{sid.rsplit('/', 1)[1]}"), sid
     assert st2.config.init == str(bb.out / "model") and st2.config.pretrained is None
     assert other["finetune/a/backbone"].out == bb.out
     (pre / "model.safetensors").write_bytes((pre / "model.safetensors").read_bytes() + b" ")  # new weights
