@@ -178,12 +178,11 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
         "majority_baseline": manifest.get("majority_baseline", {}).get("score", {}).get(cfg.split),
         "text_only_baseline": manifest.get("text_only_baseline", {}).get("score", {}).get(cfg.split),
     }
-    permuted_rows = [r for r in rows if "permuted" in r]
-    if permuted_rows:
+    permuted = permuted_summary(rows)
+    if permuted is not None:
         measured["permuted_images"] = {
-            "metric": sum(r["permuted"]["score"] for r in permuted_rows) / len(permuted_rows),
-            "changed": sum(r["permuted"]["prediction"] != r["prediction"] for r in permuted_rows) / len(permuted_rows),
-            "instances": len(permuted_rows),
+            "metric": permuted["permuted_metric"], "changed": permuted["permuted_changed"],
+            "instances": permuted["instances"],
             "method": f"each batch of {cfg.batch_size} evaluated again with its images rolled by one (every "
                       "instance gets another instance's image, the texts stay)"}
     if focus is not None:
@@ -205,15 +204,22 @@ def metrics_by_kind(rows: list[dict[str, Any]], text_only: dict[str, dict[str, A
             groups.setdefault(r["kind"], []).append(r)
     out = {}
     for kind, group in sorted(groups.items()):
-        entry: dict[str, Any] = {"instances": len(group), "metric": sum(r["score"] for r in group) / len(group),
-                                 "text_only_baseline": (text_only.get(kind) or {}).get("score")}
-        permuted = [r for r in group if "permuted" in r]
-        if permuted:
-            entry["permuted_metric"] = sum(r["permuted"]["score"] for r in permuted) / len(permuted)
-            entry["permuted_changed"] = sum(r["permuted"]["prediction"] != r["prediction"] for r in permuted) / len(
-                permuted)
-        out[kind] = entry
+        permuted = permuted_summary(group)
+        out[kind] = {"instances": len(group), "metric": sum(r["score"] for r in group) / len(group),
+                     "text_only_baseline": (text_only.get(kind) or {}).get("score"),
+                     **({k: permuted[k] for k in ("permuted_metric", "permuted_changed")} if permuted else {})}
     return out
+
+
+def permuted_summary(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Over the rows evaluated with permuted images: their count, the metric then and the share of predictions
+    that changed; None when no row was."""
+    permuted = [r for r in rows if "permuted" in r]
+    if not permuted:
+        return None
+    return {"instances": len(permuted),
+            "permuted_metric": sum(r["permuted"]["score"] for r in permuted) / len(permuted),
+            "permuted_changed": sum(r["permuted"]["prediction"] != r["prediction"] for r in permuted) / len(permuted)}
 
 
 def permuted_predictions(model: SmartTrimModel, inputs: dict[str, Any]) -> Tensor:

@@ -364,7 +364,7 @@ def text_only_baseline(results: list[SplitResult]) -> dict[str, Any]:
         score[r.split] = sum(hits) / len(hits)
         coverage[r.split] = sum(k in answer for k in keys) / len(keys)
         groups: dict[str, list[float]] = {}
-        for kind, hit in zip(r.kinds, hits, strict=False):
+        for kind, hit in zip(r.kinds or [None] * len(hits), hits, strict=True):  # no kinds recorded: none
             if kind is not None:
                 groups.setdefault(kind, []).append(hit)
         if groups:

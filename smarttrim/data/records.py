@@ -85,7 +85,7 @@ def question_kind(meta: dict[str, Any]) -> str | None:
         query = (meta.get("program") or {}).get("query")
         return f"{qtype}/{query}" if qtype == "attribute" and isinstance(query, str) else qtype
     for field_name, key in (("statement", "template"), ("hypothesis", "family")):
-        value = (meta.get(field_name) or {}).get(key) if isinstance(meta.get(field_name), dict) else None
-        if isinstance(value, str):
-            return value
+        program = meta.get(field_name)
+        if isinstance(program, dict) and isinstance(program.get(key), str):
+            return program[key]
     return None
