@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from smarttrim.config import TrimConfig
+from smarttrim.data.shapes import SHAPES_SPLITS
 from smarttrim.training import TrainConfig
 from stages.common import apply_overrides
 
@@ -36,6 +37,21 @@ BASELINES: dict[str, dict[str, Any]] = {
 scores tokens from their own representation only (no cross-modal global term), ``random`` keeps tokens at
 random."""
 SMARTTRIM_STARTS: tuple[str, ...] = ("pretrained", "backbone")
+DEFAULT_SPLITS: dict[str, tuple[str | None, str, str | None]] = {
+    "shapes": ("train", "val", None),
+    "vqa_v2": ("train2014", "val2014", None),
+    "nlvr2": ("train", "dev", "test1"),
+    "snli_ve": ("train", "dev", "test"),
+    "karpathy_flickr30k": ("train", "val", "test"),
+    "karpathy_coco": ("train", "val", "test"),
+    "nocaps": (None, "val", None),
+}
+"""Per data source, the (train, eval, test) splits a task uses unless it names its own, as the official files name
+them: VQA v2 trains on ``train2014`` and evaluates on ``val2014`` (its test splits' answers are hidden: name
+``test_split: test-dev2015`` to predict them); NLVR2 ``train`` / ``dev`` / ``test1``; SNLI-VE ``train`` / ``dev`` /
+``test``; the Karpathy splits ``train`` / ``val`` / ``test``; NoCaps has only ``val`` (zero-shot, no training);
+``shapes`` ``train`` / ``val`` (its ``test`` split is there to name). A test split gets its own evaluation of
+every model (``test/<task>/<model>``; predictions only where the answers are hidden)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,30 @@ class TaskConfig:
     """Recipe of the backbone fine-tuning (from the pre-trained model, or from scratch without one)."""
     smarttrim: TrainConfig = field(default_factory=TrainConfig)
     """Recipe of SmartTrim's fine-tuning (every target, ablation and baseline), from ``smarttrim_start``."""
-    eval_split: str = "val"
+    train_split: str | None = None
+    """The split every fine-tuning of the task trains on (None = the source's, ``DEFAULT_SPLITS``)."""
+    eval_split: str | None = None
+    """The split models are validated, evaluated and profiled on (None = the source's)."""
+    test_split: str | None = None
+    """An optional held-out split every model is also evaluated on, once, after training (None = the source's)."""
+    false_texts: int = 15
+    """Retrieval: false captions per image in training (METER's ``draw_false_text``), the rank loss's negatives."""
+
+    def __post_init__(self) -> None:
+        train, evaluation, test = DEFAULT_SPLITS.get(self.data.source, ("train", "val", None))
+        for name, default in (("train_split", train), ("eval_split", evaluation), ("test_split", test)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)  # frozen: resolved once, at construction
+        if self.false_texts < 1:
+            raise ValueError(f"false_texts={self.false_texts!r}: must be >= 1")
+        if self.train_split is None:
+            raise ValueError(f"train_split: source {self.data.source!r} has no training split "
+                             f"(its splits serve zero-shot evaluation); name one or use another source")
+        if self.data.source == "shapes":
+            for name in ("train_split", "eval_split", "test_split"):
+                value = getattr(self, name)
+                if value is not None and value not in SHAPES_SPLITS:
+                    raise ValueError(f"{name}={value!r}: the shapes source has splits {list(SHAPES_SPLITS)}")
 
 
 @dataclass(frozen=True)
@@ -342,6 +381,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ValueError(f"{path}: {err}") from err
 
 
-__all__ = ["ABLATIONS", "BASELINES", "SMARTTRIM_STARTS", "AblationSection", "BaselineSection", "ComputeConfig",
+__all__ = ["ABLATIONS", "BASELINES", "DEFAULT_SPLITS", "SMARTTRIM_STARTS", "AblationSection", "BaselineSection",
+           "ComputeConfig",
            "DataConfig", "EvaluateSection", "ModelSection", "PipelineConfig", "PretrainSection", "ProfileSection",
            "SweepSection", "TargetConfig", "TaskConfig", "build", "load_config"]

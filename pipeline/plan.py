@@ -32,6 +32,8 @@ from stages.shard import ShardConfig
 
 KINDS = ("shard", "pretrain", "finetune", "evaluate", "profile")
 PRETRAIN_ID = "pretrain/model"
+PRETRAIN_TRAIN_SPLIT = "train"
+"""The split pre-training trains on (caption sources: shapes and the Karpathy files name it ``train``)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ def model_image_size(cfg: PipelineConfig) -> int:
     return int(preset.get("image_size", ModelConfig.image_size))
 
 
+def model_vocab_size(cfg: PipelineConfig) -> int:
+    """The text vocabulary of the models' preset (a tokenizer trained for them has at most this many entries)."""
+    return int(PRESETS.get(cfg.model.preset, {}).get("vocab_size", ModelConfig.vocab_size))
+
+
 def pretrained_identity(path: str | None) -> dict[str, Any] | None:
     """What changes when a pre-trained model given by path changes: its weights file's name, size and mtime
     (a checkpoint that does not exist yet, e.g. this graph's own pre-training, adds nothing)."""
@@ -120,30 +127,36 @@ def finetune_config(cfg: PipelineConfig, task: TaskConfig | None, shards: str, t
                     pretrained: str | None, objective: str = "task") -> FinetuneConfig:
     c = cfg.compute
     workers, every, val_samples = c.num_workers, c.checkpoint_every, FinetuneConfig.val_samples
-    vision = 0.0
+    vision, false_texts = 0.0, FinetuneConfig.false_texts
     if objective == "pretrain":
         assert cfg.pretrain is not None
-        train, val_split = cfg.pretrain.train, cfg.pretrain.val_split
+        train, train_split, val_split = cfg.pretrain.train, PRETRAIN_TRAIN_SPLIT, cfg.pretrain.val_split
         workers, every = cfg.pretrain.num_workers or workers, cfg.pretrain.checkpoint_every or every
         val_samples, vision = cfg.pretrain.val_samples, cfg.pretrain.vision_weight
     else:
         assert task is not None
-        train, val_split = (task.backbone if trim is None else task.smarttrim), task.eval_split
+        train, train_split, val_split = (task.backbone if trim is None else task.smarttrim), task.train_split, \
+            task.eval_split
+        false_texts = task.false_texts
     return FinetuneConfig(
-        shards=shards, out="", preset=cfg.model.preset, init=init, pretrained=pretrained, dropout=cfg.model.dropout,
+        shards=shards, out="", train_split=train_split, preset=cfg.model.preset, init=init, pretrained=pretrained,
+        dropout=cfg.model.dropout,
         image_size=cfg.model.image_size, trim=trim, train=train, objective=objective, vision_weight=vision,
-        val_split=val_split,
+        val_split=val_split, false_texts=false_texts,
         val_samples=val_samples, num_workers=workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
         threads=c.threads, deepspeed=c.deepspeed, checkpoint_every=every, keep_checkpoints=c.keep_checkpoints,
         max_failures=c.max_failures)
 
 
 def _shard(cfg: PipelineConfig, data: DataConfig, sid: str, label: str, root: Path, tokenizer: str | None,
-           deps: tuple[str, ...], meta: dict[str, Any]) -> Stage:
+           deps: tuple[str, ...], meta: dict[str, Any], train_split: str) -> Stage:
+    official = data.source != "shapes" and not (data.tokenizer or tokenizer)  # trains its tokenizer
     shard = ShardConfig(
         source=data.source, task=data.task, root=data.root, out="", shard_size=data.shard_size,
         on_error=data.on_error, shapes_sizes=data.shapes_sizes, tokenizer=data.tokenizer or tokenizer,
-        shapes_image_size=data.shapes_image_size or model_image_size(cfg))
+        shapes_image_size=data.shapes_image_size or model_image_size(cfg),
+        tokenizer_split=train_split if official else None,
+        tokenizer_vocab=model_vocab_size(cfg) if official else None)
     extra = {"generator": shapes.GENERATOR_VERSION} if data.source == "shapes" else None  # new samples, new key
     return Stage(sid, "shard", _placed("shard", label, shard, root, extra), deps, meta)
 
@@ -151,7 +164,8 @@ def _shard(cfg: PipelineConfig, data: DataConfig, sid: str, label: str, root: Pa
 def pretrain_stages(cfg: PipelineConfig, root: Path) -> list[Stage]:
     """Shard the pre-training captions, then pre-train (``cfg.pretrain``); the export is ``<out>/model``."""
     assert cfg.pretrain is not None
-    shard = _shard(cfg, cfg.pretrain.data, "shard/pretrain", "pretrain", root, None, (), {"task": "pretrain"})
+    shard = _shard(cfg, cfg.pretrain.data, "shard/pretrain", "pretrain", root, None, (), {"task": "pretrain"},
+                   PRETRAIN_TRAIN_SPLIT)
     pre = finetune_config(cfg, None, shard.config.out, None, None, None, objective="pretrain")
     return [shard, Stage(PRETRAIN_ID, "pretrain", _placed("pretrain", "pretrain", pre, root), (shard.id,),
                          {"task": "pretrain", "name": "pretrain", "kind": "pretrain"})]
@@ -169,7 +183,7 @@ def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
     identity = pretrained_identity(pretrained)
     for task in cfg.tasks:
         shard = _shard(cfg, task.data, f"shard/{task.name}", task.name, root, model_tokenizer(pretrained),
-                       start_deps, {"task": task.name})
+                       start_deps, {"task": task.name}, task.train_split)
         stages.append(shard)
         shards = shard.config.out
         backbone = _finetune(cfg, task, shards, None, None, pretrained, "backbone", "backbone",
@@ -208,7 +222,8 @@ def _finetune(cfg: PipelineConfig, task: TaskConfig, shards: str, trim: Any, ini
 
 
 def measure_stages(cfg: PipelineConfig, task: TaskConfig, shard: Stage, model: Stage, root: Path) -> list[Stage]:
-    """Evaluate and profile stages of a trained model (``model``: its finetune stage) on the shards of ``shard``.
+    """Evaluate and profile stages of a trained model (``model``: its finetune stage) on the shards of ``shard``
+    (the task's ``eval_split``), and an evaluation on its ``test_split`` when it has one (``test/<task>/<model>``).
     Both depend on the shard stage as well as the model: a recomputed (``--force``) shard stage replaces the
     directory they read, so they wait for it even when the fine-tuning is cached."""
     name, model_dir, shards = model.meta["name"], str(model.out / "model"), shard.config.out
@@ -220,9 +235,15 @@ def measure_stages(cfg: PipelineConfig, task: TaskConfig, shard: Stage, model: S
         model=model_dir, shards=shards, out="", split=task.eval_split, threads=p.threads, instances=p.instances,
         batch_size=p.batch_size), root)
     deps = (shard.id, model.id)
-    return [Stage(f"evaluate/{task.name}/{name}", "evaluate", ev, deps, model.meta),
-            Stage(f"profile/{task.name}/{name}", "profile", pr, deps, model.meta)]
+    stages = [Stage(f"evaluate/{task.name}/{name}", "evaluate", ev, deps, model.meta),
+              Stage(f"profile/{task.name}/{name}", "profile", pr, deps, model.meta)]
+    if task.test_split is not None and task.test_split != task.eval_split:  # the held-out split, once per model
+        test = _placed("evaluate", f"{task.name}-{name}-{task.test_split}", dataclasses.replace(
+            ev, split=task.test_split, out=""), root)
+        stages.append(Stage(f"test/{task.name}/{name}", "evaluate", test, deps, model.meta))
+    return stages
 
 
 __all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "finetune_config", "measure_stages", "model_image_size",
-           "model_tokenizer", "pretrain_stages", "pretrained_identity", "smarttrim_trim", "stage_key"]
+           "model_tokenizer", "model_vocab_size", "pretrain_stages", "pretrained_identity", "smarttrim_trim",
+           "stage_key"]

@@ -24,8 +24,10 @@ PRIORS = {"majority": "majority answer", "text_only": "text-only (best answer pe
 
 
 def model_entry(meta: dict[str, Any], evaluation: dict[str, Any], profile: dict[str, Any], model_dir: str,
-                mlflow_run_id: str | None) -> dict[str, Any]:
-    """One ``results.json`` entry from a model's evaluate and profile summaries."""
+                mlflow_run_id: str | None, test: dict[str, Any] | None = None,
+                test_dir: str | None = None) -> dict[str, Any]:
+    """One ``results.json`` entry from a model's evaluate and profile summaries (and, when the task has a test
+    split, that evaluation's summary ``test`` written in ``test_dir``: ``entry["test"]``)."""
     flops = profile["flops"]
     permuted = evaluation.get("permuted_images") or {}
     focus = evaluation.get("focus") or {}
@@ -44,6 +46,10 @@ def model_entry(meta: dict[str, Any], evaluation: dict[str, Any], profile: dict[
                                             "throughput_efficiency") if k in speedup} or None,
         "keep": evaluation.get("keep", {}), "model_dir": model_dir, "mlflow_run_id": mlflow_run_id,
         "by_kind": evaluation.get("by_kind") or None,
+        "test": None if test is None else {
+            "split": test["split"], "metric": test["metric"],
+            "instances": test["instances"] if "instances" in test else test.get("images"),  # retrieval: images
+            "results_file": str(Path(str(test_dir), test["results_file"])) if test.get("results_file") else None},
     }
 
 
@@ -181,6 +187,14 @@ def markdown(report: dict[str, Any], title: str) -> str:
                 lines.append(f"| {_short(e)} | {e['metric']:.4f} | {red} | {f['precision']:.3f} | {f['chance']:.3f} | "
                              f"{f['lift']:.2f} | {f['recall']:.3f} | {f['kept_patches']:.1f} |")
         lines += _kind_table(task, metric, [e for e in rows if e.get("by_kind") and e["kind"] != "ablation"])
+        tested = [e for e in rows if e.get("test")]
+        if tested:
+            lines += ["", f"## {task}: held-out test split ({tested[0]['test']['split']})", "",
+                      f"| model | {metric} | instances | official results file |", "|---|---|---|---|"]
+            for e in tested:
+                t = e["test"]
+                score = "hidden answers" if t["metric"] is None else f"{t['metric']:.4f}"
+                lines.append(f"| {_short(e)} | {score} | {t['instances']} | {t['results_file'] or ''} |")
         ablations = [e for e in rows if e["kind"] == "ablation"]
         if ablations:
             ref = next((e for e in rows if e["kind"] == "smarttrim" and e["target"] == ablations[0]["target"]), None)

@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.config import PipelineConfig, load_config
 from pipeline.dag import PipelineError, execute
 from pipeline.plan import Stage, build_plan, pretrain_stages
+from pipeline.preflight import check_inputs
 from pipeline.report import finalize, model_entry, prior_entries, write_report
 
 COMMANDS = ("all", "shard", "pretrain", "finetune", "ablate", "evaluate", "profile", "report", "sweep")
@@ -79,7 +80,9 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
         if s.kind == "finetune":
             ev = markers[f"evaluate/{s.meta['task']}/{s.meta['name']}"]["metrics"]
             pr = markers[f"profile/{s.meta['task']}/{s.meta['name']}"]["metrics"]
-            models.append((s, model_entry(s.meta, ev, pr, str(s.out / "model"), None)))
+            test = markers.get(f"test/{s.meta['task']}/{s.meta['name']}")
+            models.append((s, model_entry(s.meta, ev, pr, str(s.out / "model"), None,
+                                          test and test["metrics"], test and test["out"])))
     priors = []
     for task in cfg.tasks:
         metric_name = next(e["metric_name"] for _, e in models if e["task"] == task.name)
@@ -95,6 +98,7 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
                    "flops_ratio": entry["flops_ratio"], "latency_ms_bs1": entry["latency_ms_bs1"],
                    "throughput": entry["throughput"], "train_seconds": markers[s.id]["metrics"]["train_seconds"],
                    "permuted_metric": entry["permuted_metric"], "permuted_changed": entry["permuted_changed"],
+                   "test_metric": (entry["test"] or {}).get("metric"),
                    **{f"speedup_{k}": v for k, v in (entry["speedup"] or {}).items()},
                    **{f"focus_{k}": v for k, v in (entry["focus"] or {}).items()},
                    **{f"keep_{g}": v for g, v in entry["keep"].items()},
@@ -102,7 +106,8 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
                       for name in ("metric", "permuted_metric") if v.get(name) is not None}}
         entry["mlflow_run_id"] = tracker.log_model(
             s.out.name, entry["name"], {"model": s.meta, "finetune": s.config.to_dict()}, metrics, history,
-            [s.out / "metrics.json", s.out / "curves.png", pr_out / "flops_hist.png", ev_out / "metrics.json"])
+            [s.out / "metrics.json", s.out / "curves.png", pr_out / "flops_hist.png", ev_out / "metrics.json",
+             *([Path(entry["test"]["results_file"])] if (entry["test"] or {}).get("results_file") else [])])
     result["mlflow"] = {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_id,
                         "experiment": cfg.mlflow_experiment}
     result["config"] = cfg.to_dict()
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command != "report":
+            check_inputs(cfg, tasks=args.command != "pretrain")  # before any work: roots, splits, tokenizers
         if args.command == "sweep":
             from pipeline.sweep import run_sweep
 

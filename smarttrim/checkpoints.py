@@ -11,10 +11,14 @@ mismatch is a ``ValueError`` naming the file and the keys; a missing file or dir
 ``FileNotFoundError``. What was dropped or adapted (position-embedding resampling, NLVR2 token types, a
 randomly initialized task head) is returned in a ``LoadReport``.
 
-Two METER facts matter here (see ``meter/modules/clip_model.py`` and ``meter_module.py`` upstream):
-METER's CLIP ViT builds one residual block fewer than the CLIP checkpoint it starts from (11 of
-ViT-B/16's 12), and METER's ``adapt_position_encoding`` resizes position embeddings with plain bicubic
-interpolation (reproduced here through timm's ``resample_abs_pos_embed`` with ``antialias=False``).
+Three METER facts matter here (see ``meter/modules/clip_model.py``, ``heads.py`` and ``meter_module.py``
+upstream): METER's CLIP ViT builds one residual block fewer than the CLIP checkpoint it starts from (11 of
+ViT-B/16's 12); METER's ``adapt_position_encoding`` resizes position embeddings with plain bicubic
+interpolation (reproduced here through timm's ``resample_abs_pos_embed`` with ``antialias=False``); and its
+heads are ``nn.Sequential`` classifiers (``vqa_classifier``, ``nlvr2_classifier`` on the two image-text pairs'
+features side by side, ``snli_classifier``) except for retrieval: the ITM head ``itm_score`` wraps a bare
+``fc = nn.Linear(2h, 2)``, and IRTR fine-tuning adds ``rank_output``, whose weight is the (1, 2h) "match" row of
+``itm_score.fc`` (declared ``nn.Linear(h, 1)``, then its ``weight.data`` replaced by that row).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import Tensor
 from transformers import AutoConfig
 
 from smarttrim.config import ModelConfig
-from smarttrim.io import WEIGHTS, load_state_dict_checked, read_config
+from smarttrim.io import WEIGHTS, complete_rank_output, load_state_dict_checked, read_config
 from smarttrim.model import SmartTrimModel
 
 __all__ = ["ARCHITECTURE_FIELDS", "LoadReport", "MeterConversion", "convert_meter_checkpoint", "load_clip_vision",
@@ -48,9 +52,14 @@ __all__ = ["ARCHITECTURE_FIELDS", "LoadReport", "MeterConversion", "convert_mete
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 VISION = "backbone.vision."
 TEXT = "backbone.text."
-METER_HEADS = {"vqa": "vqa_classifier.", "nlvr2": "nlvr2_classifier.", "snli_ve": "snli_classifier.",
-               "retrieval": "itm_score.fc."}
-"""Which METER module holds each task's head (same ``nn.Sequential`` indices as our ``head``)."""
+METER_HEADS: dict[str, tuple[tuple[str, str], ...]] = {
+    "vqa": (("vqa_classifier.", "head."),),
+    "nlvr2": (("nlvr2_classifier.", "head."),),
+    "snli_ve": (("snli_classifier.", "head."),),
+    "retrieval": (("itm_score.fc.", "head.0."), ("rank_output.", "rank_output.")),
+}
+"""Per task, (METER module prefix, our prefix) of its head: the classifiers share our ``head``'s ``nn.Sequential``
+indices; retrieval's ITM ``fc`` is our one-layer ``head``'s layer 0 and ``rank_output`` keeps its name."""
 METER_OWN = ("cross_modal_", "token_type_embeddings.")
 """METER modules that keep their name under ``backbone.``."""
 METER_EXTRA = ("vqa_classifier.", "nlvr2_classifier.", "snli_classifier.", "itm_score.", "mlm_score.",
@@ -217,9 +226,11 @@ def convert_meter_checkpoint(state_dict: Mapping[str, Tensor], config: ModelConf
       METER's leftover CLIP text keys (``vit_model.token_embedding`` ...) and ``proj`` are dropped.
     * ``text_transformer.*`` -> ``backbone.text.*`` (``pooler.*`` / ``position_ids`` dropped).
     * ``cross_modal_*``, ``token_type_embeddings`` -> ``backbone.*``.
-    * the head of ``config.task`` (``vqa_classifier`` / ``nlvr2_classifier`` / ``snli_classifier`` /
-      ``itm_score.fc``) -> ``head.*``; other task and pre-training heads are dropped. ``rank_output``
-      (METER's retrieval fine-tuning head) is dropped too: our retrieval head is METER's ITM head.
+    * the head of ``config.task`` (``METER_HEADS``): ``vqa_classifier`` / ``nlvr2_classifier`` /
+      ``snli_classifier`` -> ``head.*``; retrieval: ``itm_score.fc`` -> ``head.0.*`` and ``rank_output`` ->
+      ``rank_output.*`` (a checkpoint with the ITM head but no ``rank_output``, i.e. pre-training, gets it
+      from the ITM head's match row, as METER initializes IRTR fine-tuning). Other task and pre-training heads
+      are dropped.
     * position embeddings are resampled to ``config.image_size``; for NLVR2 a 2-row token-type table
       gets a third row copied from row 1 (METER's NLVR2 initialization).
 
@@ -230,9 +241,9 @@ def convert_meter_checkpoint(state_dict: Mapping[str, Tensor], config: ModelConf
         raise ValueError(f"{source}: METER's CLIP ViT embeds patches linearly; the model has "
                          f"patch_stem={config.patch_stem!r}")
     vit = "vit_model.visual." if any(k.startswith("vit_model.visual.") for k in state_dict) else "vit_model."
-    head = METER_HEADS[config.task]
     rules: Rules = ((r"vit_model\..*", ""), (r"text_transformer\.(pooler\..*|embeddings\.position_ids)", ""),
-                    (r"text_transformer\.(.*)", TEXT + r"\1"), (re.escape(head) + r"(.*)", r"head.\1"),
+                    (r"text_transformer\.(.*)", TEXT + r"\1"),
+                    *((re.escape(theirs) + r"(.*)", ours + r"\1") for theirs, ours in METER_HEADS[config.task]),
                     *((re.escape(p) + r"(.*)", "backbone." + p + r"\1") for p in METER_OWN),
                     *((re.escape(p) + r".*", "") for p in METER_EXTRA))
     vision = {k: v for k, v in state_dict.items() if k.startswith(vit)}
@@ -252,6 +263,11 @@ def convert_meter_checkpoint(state_dict: Mapping[str, Tensor], config: ModelConf
     if config.task == "nlvr2" and types in state and state[types].shape[0] == 2:
         state[types] = torch.cat([state[types], state[types][1:2]])
         out.notes.append("token_type_embeddings: 2 -> 3 rows (row 2 = row 1, as METER does for NLVR2)")
+    if complete_rank_output(config, state):
+        sources["rank_output.weight"], sources["rank_output.bias"] = (
+            sources["head.0.weight"] + "[1:]", sources["head.0.bias"] + "[1:]")
+        out.notes.append("rank_output: from itm_score.fc's match row (no rank_output in the checkpoint: METER's "
+                         "initialization of IRTR fine-tuning)")
     return out
 
 
@@ -278,10 +294,11 @@ def load_meter_checkpoint(model: SmartTrimModel, path: str | PathLike[str]) -> L
     conv = convert_meter_checkpoint(state, model.config, source=str(file))
     report = LoadReport(str(file), loaded=len(conv.state_dict), dropped=conv.dropped, notes=conv.notes,
                         head_loaded=conv.has_head)
-    allow = ("trimmers.",) if conv.has_head else ("trimmers.", "head.")
+    allow = ("trimmers.",) if conv.has_head else ("trimmers.", "head.", "rank_output.")
     _load(model, conv.state_dict, conv.sources, str(file), allow_missing=allow)
     if not conv.has_head:
-        msg = (f"{file}: no {METER_HEADS[model.config.task]}* head for task {model.config.task!r} "
+        heads = " / ".join(theirs + "*" for theirs, _ in METER_HEADS[model.config.task])
+        msg = (f"{file}: no {heads} head for task {model.config.task!r} "
                "(a pre-training checkpoint?): the task head keeps its random initialization")
         report.notes.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
@@ -308,10 +325,12 @@ def load_pretrained(model: SmartTrimModel, path: str | PathLike[str]) -> LoadRep
     """Start ``model`` from a model directory of ours (``save_pretrained``; e.g. ``stages.pretrain``'s export): its
     backbone weights, as from an official METER pre-training checkpoint.
 
-    The task head is not taken (it stays as initialized, unless both models have the same task and label count)
-    and trimmers keep their initialization. The position grid is resampled to ``model``'s image size (bicubic,
-    as METER's ``adapt_position_encoding``); for NLVR2 a 2-row token-type table gets a third row copied from
-    row 1. The architectures must agree (``ARCHITECTURE_FIELDS``): a ``ValueError`` names the differing fields.
+    The task head is not taken (it stays as initialized, unless both models have the same task and label count;
+    retrieval: the ITM head and ``rank_output``, which a pre-training export made without one gets from the ITM
+    head, as METER initializes IRTR fine-tuning) and trimmers keep their initialization. The position grid is
+    resampled to ``model``'s image size (bicubic, as METER's ``adapt_position_encoding``); for NLVR2 a 2-row
+    token-type table gets a third row copied from row 1. The architectures must agree (``ARCHITECTURE_FIELDS``): a
+    ``ValueError`` names the differing fields.
     """
     root = Path(path)
     source_cfg, _, _ = read_config(root)
@@ -323,11 +342,13 @@ def load_pretrained(model: SmartTrimModel, path: str | PathLike[str]) -> LoadRep
     file = root / WEIGHTS
     state = _read_weights(file)
     same_head = source_cfg.task == cfg.task and source_cfg.num_labels == cfg.num_labels
-    keep = ("backbone.", "head.") if same_head else ("backbone.",)
+    keep = ("backbone.", "head.", "rank_output.") if same_head else ("backbone.",)
     report = LoadReport(str(root), dropped=sorted(k for k in state if not k.startswith(keep)),
                         head_loaded=same_head)
     state = {k: v for k, v in state.items() if k.startswith(keep)}
     sources = {k: k for k in state}
+    if same_head and complete_rank_output(cfg, state):
+        report.notes.append("rank_output: from the ITM head's match row (the model directory has none)")
     _finish_vision(state, sources, cfg, str(file), report.notes)
     types = "backbone.token_type_embeddings.weight"
     rows = model.state_dict()[types].shape[0]
@@ -337,7 +358,8 @@ def load_pretrained(model: SmartTrimModel, path: str | PathLike[str]) -> LoadRep
     elif state[types].shape[0] == 3 and rows == 2:
         state[types] = state[types][:2]
         report.notes.append("token_type_embeddings: 3 -> 2 rows (the second image's type dropped)")
-    _load(model, state, sources, str(file), allow_missing=("trimmers.",) if same_head else ("trimmers.", "head."))
+    allow = ("trimmers.",) if same_head else ("trimmers.", "head.", "rank_output.")
+    _load(model, state, sources, str(file), allow_missing=allow)
     report.loaded = len(state)
     return report
 

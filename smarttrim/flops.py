@@ -135,5 +135,7 @@ def analytic_macs(model: SmartTrimModel, out: SmartTrimOutput, text_len: int) ->
                 macs += _attention_macs(n_s, n_s, h, h, h, k_msa, dh) + _attention_macs(n_s, n_o, h, h, h, k_mca, dh)
                 macs += 2 * n_s * h * cfg.cross_intermediate
         macs += 2 * h * h  # poolers
+    if cfg.task == "retrieval":  # the pair's score: rank_output (the ITM head does not run at inference)
+        return macs + _mlp_macs(2 * h, 1)
     head_dims = [m.in_features for m in model.head if isinstance(m, nn.Linear)] + [cfg.num_labels]
     return macs + _mlp_macs(*head_dims)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from smarttrim.atomic import atomic_write
 from smarttrim.config import ModelConfig, TrimConfig
-from smarttrim.model import SmartTrimModel
+from smarttrim.model import SmartTrimModel, rank_from_itm
 
 FORMAT = "smarttrim"
 FORMAT_VERSION = 1
@@ -64,7 +64,11 @@ def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, TrimConfig |
 
 
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> SmartTrimModel:
-    """Load a model saved by ``save_pretrained`` (strict: every tensor must match by name and shape)."""
+    """Load a model saved by ``save_pretrained`` (strict: every tensor must match by name and shape).
+
+    One completion: a retrieval model saved with its ITM head but without ``rank_output`` (pre-training exports
+    made before the model had one, e.g. the shipped ``pretrained/meter-small-shapes``) gets METER's
+    initialization of it from the ITM head (``rank_from_itm``)."""
     model_cfg, trim, _ = read_config(path)
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
@@ -74,8 +78,19 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: unreadable safetensors file ({err})") from err
     model = SmartTrimModel(model_cfg, trim)
+    complete_rank_output(model_cfg, state)
     load_state_dict_checked(model, state, str(weights))
     return model
+
+
+def complete_rank_output(config: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
+    """Add ``rank_output.*`` to the state dict of a retrieval model that has the ITM head (``head.0.*``) but no
+    ``rank_output``, by METER's rule (``rank_from_itm``). Returns whether it did."""
+    if config.task != "retrieval" or "rank_output.weight" in state or "head.0.weight" not in state:
+        return False
+    state["rank_output.weight"], state["rank_output.bias"] = rank_from_itm(state["head.0.weight"],
+                                                                           state["head.0.bias"])
+    return True
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,

@@ -9,7 +9,9 @@ from torch import Tensor
 
 def task_loss(task: str, logits: Tensor, labels: Tensor) -> Tensor:
     """METER's task losses. VQA: soft-score BCE summed over answers, mean over the batch (METER scales the
-    element mean by the number of answers). NLVR2 / SNLI-VE / ITM: cross-entropy over class indices."""
+    element mean by the number of answers). NLVR2 / SNLI-VE: cross-entropy over class indices. Retrieval:
+    METER's IRTR rank loss, the softmax cross-entropy over each image's (B, K) ``rank_output`` scores of its
+    K texts, ``labels`` (B,) the index of the true one (METER: always 0, before its K - 1 false texts)."""
     if task == "vqa":
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype)) * labels.shape[1]
     return F.cross_entropy(logits, labels)
@@ -34,7 +36,7 @@ def distill_kl(task: str, trimmed_logits: Tensor, full_logits: Tensor) -> Tensor
     Written as in ``F.kl_div(log f(x,P), f(x,∅))``: KL(f(x,∅) || f(x,P)), the full model's prediction as
     a fixed (detached) target the trimmed model is pulled towards. VQA predictions are independent
     per-answer Bernoullis (sigmoid): their KLs are summed over answers like the BCE task loss; the other
-    tasks' predictions are softmax distributions. Mean over the batch.
+    tasks' predictions are softmax distributions (retrieval: over each image's K texts). Mean over the batch.
     """
     full_logits = full_logits.detach()
     if task == "vqa":

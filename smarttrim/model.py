@@ -8,7 +8,8 @@ Data flow (paper Sections 3.1 and 4; trimmers act at the *start* of a layer, on 
   both  -> co-attention layers l = 1..L: trim both streams' tokens (each guided by the other stream's
            previous-layer [CLS]), decide MSA/MCA heads, then text and image layers run on the kept
            tokens, each cross-attending to the other stream's kept previous-layer output
-        -> poolers on each [CLS] -> concatenated features -> task head
+        -> poolers on each [CLS] -> concatenated features -> task head (retrieval: ``rank_output``, the score of
+           one image-text pair; each image is paired with its 1 + N texts in training, METER's IRTR)
 """
 
 from __future__ import annotations
@@ -82,12 +83,21 @@ def build_text(cfg: ModelConfig) -> RobertaModel:
 
 
 def build_head(cfg: ModelConfig) -> nn.Sequential:
-    """METER's task heads over the concatenated [text; image] pooled features (2h; NLVR2: two pairs, 4h)."""
+    """METER's task heads over the concatenated [text; image] pooled features (2h; NLVR2: two pairs, 4h).
+
+    Retrieval: METER's ITM head (``itm_score.fc``: no match / match), the pre-training objective; the retrieval
+    score itself is ``SmartTrimModel.rank_output``."""
     h = cfg.hidden_size
-    if cfg.task == "retrieval":  # ITM score head (METER's ITMHead.fc)
+    if cfg.task == "retrieval":
         return nn.Sequential(nn.Linear(2 * h, 2))
     in_dim = 4 * h if cfg.task == "nlvr2" else 2 * h
     return nn.Sequential(nn.Linear(in_dim, 2 * h), nn.LayerNorm(2 * h), nn.GELU(), nn.Linear(2 * h, cfg.num_labels))
+
+
+def rank_from_itm(itm_weight: Tensor, itm_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """METER's initialization of the retrieval score ``rank_output`` (IRTR fine-tuning) from the ITM head
+    ``itm_score.fc``: its "match" row, index 1. (2, 2h), (2,) -> (1, 2h), (1,) copies."""
+    return itm_weight[1:].detach().clone(), itm_bias[1:].detach().clone()
 
 
 def _meter_init(module: nn.Module) -> None:
@@ -200,22 +210,26 @@ class TrimmerSet(nn.Module):
 
 @dataclass
 class SmartTrimOutput:
-    """What ``SmartTrimModel.forward`` returns (B = instances; NLVR2 runs 2B image-text passes)."""
+    """What ``SmartTrimModel.forward`` returns (B = instances; NLVR2 runs 2B image-text passes, retrieval groups
+    of K texts per image B x K)."""
 
     logits: Tensor
-    """(B, num_labels)."""
+    """(B, num_labels); retrieval: (B, K) ``rank_output`` scores of each image with each of its K texts (K = 1 for
+    (B, T) input_ids: one pair per row)."""
     loss: Tensor | None = None
     """With labels: eq. 12's total loss in training, the task loss in evaluation."""
     loss_parts: dict[str, Tensor] = field(default_factory=dict)
     """``task``; in training also ``cost`` and, with self-distillation, ``sd`` = ``sd_task`` + ``sd_kl``."""
     keep: dict[str, Tensor] = field(default_factory=dict)
-    """Trimmed module name -> (B,) fraction of its trimmable tokens (cumulative) or heads kept."""
+    """Trimmed module name -> (B,) fraction of its trimmable tokens (cumulative) or heads kept (NLVR2 / retrieval
+    groups: the mean over the instance's image-text passes)."""
     keep_groups: dict[str, Tensor] = field(default_factory=dict)
     """Group (``vision_tokens``, ``text_tokens``, ``heads``) -> (B,) mean of its modules' ``keep``."""
     sizes: dict[str, Tensor] = field(default_factory=dict)
     """Trimmed module name -> (B,) tokens alive after it (prefix included) or heads kept."""
     text_hidden: Tensor | None = None
-    """(B', Nt, h) final text-stream states; rows of pruned tokens are meaningless (see ``text_keep``)."""
+    """(B', Nt, h) final text-stream states (B' = B image-text passes; NLVR2 2B, retrieval groups B x K); rows of
+    pruned tokens are meaningless (see ``text_keep``)."""
     text_keep: Tensor | None = None
     """(B', Nt) 0/1: which rows of ``text_hidden`` are kept tokens."""
     image_hidden: Tensor | None = None
@@ -296,6 +310,11 @@ class SmartTrimModel(nn.Module):
         self.backbone = METERBackbone(config)
         self.head = build_head(config)
         self.head.apply(_meter_init)
+        # METER's IRTR score (``rank_output``): one logit per image-text pair on the pooled features, started from
+        # the ITM head's match row; trained by the rank loss (the ITM head gets no gradient from it)
+        self.rank_output: nn.Module = nn.Linear(2 * config.hidden_size, 1) if config.task == "retrieval" \
+            else nn.Identity()
+        self.reset_rank_output()
         self.trimmers = TrimmerSet(config, trim) if trim is not None else None
         self.progress = 0.0
 
@@ -305,6 +324,15 @@ class SmartTrimModel(nn.Module):
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress={progress!r}: must be in [0, 1]")
         self.progress = float(progress)
+
+    def reset_rank_output(self) -> None:
+        """Retrieval: set ``rank_output`` to METER's initialization from the ITM head (``rank_from_itm``), as METER
+        starts IRTR fine-tuning from an ITM-pre-trained model; other tasks have no ``rank_output``."""
+        if isinstance(self.rank_output, nn.Linear):
+            weight, bias = rank_from_itm(self.head[0].weight, self.head[0].bias)
+            with torch.no_grad():
+                self.rank_output.weight.copy_(weight)
+                self.rank_output.bias.copy_(bias)
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
         """Save to a directory: ``model.safetensors`` + ``config.json`` (see ``smarttrim.io``)."""
@@ -324,9 +352,19 @@ class SmartTrimModel(nn.Module):
             raise ValueError(f"backbone state dict mismatch: missing {missing[:20]}, "
                              f"unexpected {list(result.unexpected_keys)[:20]}")
 
-    def dummy_batch(self, batch_size: int = 2, seed: int = 0, with_labels: bool = True) -> dict[str, Tensor]:
-        """Valid random inputs (and labels) for this model's config and task."""
+    def dummy_batch(self, batch_size: int = 2, seed: int = 0, with_labels: bool = True,
+                    false_texts: int = 2) -> dict[str, Tensor]:
+        """Valid random inputs (and labels) for this model's config and task. Retrieval with labels: groups of
+        1 + ``false_texts`` texts per image (``input_ids`` (B, K, T), the true text first, labels 0); without
+        labels one text per image (B, T)."""
         cfg = self.config
+        if cfg.task == "retrieval" and with_labels:
+            k = 1 + false_texts
+            texts = self.dummy_batch(batch_size * k, seed, with_labels=False)
+            pixels = self.dummy_batch(batch_size, seed + 1, with_labels=False)["pixel_values"]
+            return {"pixel_values": pixels, "input_ids": texts["input_ids"].view(batch_size, k, -1),  # (B, K, T)
+                    "attention_mask": texts["attention_mask"].view(batch_size, k, -1),
+                    "labels": torch.zeros(batch_size, dtype=torch.long)}
         g = torch.Generator().manual_seed(seed)
         images = (batch_size, 2) if cfg.task == "nlvr2" else (batch_size,)
         pixel_values = torch.randn(*images, 3, cfg.image_size, cfg.image_size, generator=g)
@@ -368,6 +406,12 @@ class SmartTrimModel(nn.Module):
     def forward(self, batch: dict[str, Tensor], path: str | None = None) -> SmartTrimOutput:
         """Run the model on a batch dict (``pixel_values``, ``input_ids``, ``attention_mask``[, ``labels``]).
 
+        Retrieval: ``input_ids`` / ``attention_mask`` are (B, T), one text per image, or (B, K, T), K texts per image
+        (METER's IRTR training: the true text and K - 1 false ones): every image-text pair is one pass through the
+        whole model (the visual encoder's trimmers read the text), its score ``rank_output`` of the pooled features;
+        ``labels`` (B,) index each image's true text and the task loss is the softmax cross-entropy over its K
+        scores (METER's ``compute_irtr``: the true text is class 0).
+
         path: ``"mask"`` (training path: fixed shapes, masks) or ``"prune"`` (inference path: tokens and
         heads removed). Default: mask in ``train()`` mode, prune in ``eval()`` mode. Decisions are sampled
         (eq. 8) in train mode and deterministic (σ(π) > 0.5) in eval mode, on either path.
@@ -379,6 +423,11 @@ class SmartTrimModel(nn.Module):
         pixel_values, input_ids, attention_mask, labels = self._check_batch(batch)
         cfg, trim = self.config, self.trim_config
         batch_size = input_ids.shape[0]
+        passes = 2 if cfg.task == "nlvr2" else 1  # image-text passes per instance
+        if input_ids.dim() == 3:  # retrieval groups: every image with each of its K texts
+            passes = input_ids.shape[1]
+            input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)  # (B x K, T)
+            pixel_values = pixel_values.repeat_interleave(passes, 0)  # (B x K, 3, H, W)
         gamma = trim.gamma(self.progress if self.training else 1.0) if trim is not None else {}
         if self.trimmers is not None and trim is not None and trim.token_trimmer == "random":
             self.trimmers.set_random_rates(gamma)
@@ -389,15 +438,15 @@ class SmartTrimModel(nn.Module):
             text, attention_mask = text.repeat_interleave(2, 0), attention_mask.repeat_interleave(2, 0)
             image_type = torch.arange(2 * batch_size, device=text.device) % 2 + 1
         else:
-            image_type = torch.ones(batch_size, dtype=torch.long, device=text.device)
+            image_type = torch.ones(batch_size * passes, dtype=torch.long, device=text.device)
 
         tau = trim.tau if trim is not None else 1.0
         run = _Run(self.trimmers, sample=self.training, prune=path == "prune", tau=tau)
         pooled, t, i = self._fuse(pixel_values, text, attention_mask, image_type, run)
-        logits = self.head(pooled.view(batch_size, -1))  # NLVR2: (B, 2 x 2h)
+        logits = self._logits(pooled, batch_size)
         out = SmartTrimOutput(logits=logits, text_hidden=t.x, text_keep=t.keep, image_hidden=i.x,
                               image_keep=i.keep, image_positions=i.positions(), text_positions=t.positions())
-        self._summarize(run, batch_size, out)
+        self._summarize(run, batch_size, passes, out)
         if labels is None:
             return out
 
@@ -409,8 +458,8 @@ class SmartTrimModel(nn.Module):
                 loss = loss + trim.lambda_cost * parts["cost"]
             if trim.self_distill:  # eq. 11: full-capacity forward f(x, ∅) on the same inputs
                 full = _Run(None, sample=False, prune=False, tau=tau)
-                full_logits = self.head(self._fuse(pixel_values, text, attention_mask, image_type, full)[0]
-                                        .view(batch_size, -1))
+                full_logits = self._logits(self._fuse(pixel_values, text, attention_mask, image_type, full)[0],
+                                           batch_size)
                 parts["sd_task"] = task_loss(cfg.task, full_logits, labels)
                 parts["sd_kl"] = distill_kl(cfg.task, logits, full_logits)
                 parts["sd"] = parts["sd_task"] + parts["sd_kl"]
@@ -419,6 +468,13 @@ class SmartTrimModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ internals
+    def _logits(self, pooled: Tensor, batch_size: int) -> Tensor:
+        """Task logits from the (B', 2h) pooled features of the B' image-text passes: retrieval (B, K) pair scores,
+        NLVR2 the head on each instance's two passes side by side (B, 2 x 2h), else (B, num_labels)."""
+        if self.config.task == "retrieval":
+            return self.rank_output(pooled).view(batch_size, -1)
+        return self.head(pooled.view(batch_size, -1))
+
     def _check_batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         cfg = self.config
         for key in ("pixel_values", "input_ids", "attention_mask"):
@@ -430,15 +486,20 @@ class SmartTrimModel(nn.Module):
         if tuple(pv.shape) != want:
             raise ValueError(f"batch['pixel_values'] has shape {tuple(pv.shape)}, expected {want} "
                              f"(task {cfg.task!r}, image_size {cfg.image_size})")
-        if ids.dim() != 2 or mask.shape != ids.shape:
+        dims = (2, 3) if cfg.task == "retrieval" else (2,)
+        if ids.dim() not in dims or mask.shape != ids.shape:
+            shapes = "(B, T) or, retrieval groups, (B, K, T)" if cfg.task == "retrieval" else "(B, T)"
             raise ValueError(f"batch['input_ids'] {tuple(ids.shape)} and batch['attention_mask'] "
-                             f"{tuple(mask.shape)} must both be (B, T)")
-        if ids.shape[1] > cfg.text_max_positions - cfg.pad_token_id - 1:
-            raise ValueError(f"batch['input_ids'] has {ids.shape[1]} tokens; the text encoder takes at most "
+                             f"{tuple(mask.shape)} must both be {shapes}")
+        if ids.shape[-1] > cfg.text_max_positions - cfg.pad_token_id - 1:
+            raise ValueError(f"batch['input_ids'] has {ids.shape[-1]} tokens; the text encoder takes at most "
                              f"{cfg.text_max_positions - cfg.pad_token_id - 1}")
-        if not bool(mask[:, 0].all()):
-            raise ValueError("batch['attention_mask'][:, 0] must be 1: the first token is the [CLS] prefix")
+        if not bool(mask[..., 0].all()):
+            raise ValueError("batch['attention_mask'][..., 0] must be 1: the first token is the [CLS] prefix")
         labels = batch.get("labels")
+        if labels is not None and cfg.task == "retrieval" and ids.dim() == 2:
+            raise ValueError("batch['labels'] of a retrieval batch index each image's true text among its K texts: "
+                             f"input_ids must be (B, K, T) groups, got {tuple(ids.shape)}")
         if labels is not None:
             want_labels = (ids.shape[0], cfg.num_labels) if cfg.task == "vqa" else (ids.shape[0],)
             if tuple(labels.shape) != want_labels:
@@ -499,14 +560,15 @@ class SmartTrimModel(nn.Module):
         pooled = torch.cat([bb.cross_modal_text_pooler(t.x), bb.cross_modal_image_pooler(i.x)], dim=-1)
         return pooled, t, i
 
-    def _summarize(self, run: _Run, batch_size: int, out: SmartTrimOutput) -> None:
-        """Per-module and per-group keep ratios per instance (NLVR2: mean of the two passes), for every module at
-        once: token modules count their trimmable tokens (the prefix excluded), head modules their heads."""
+    def _summarize(self, run: _Run, batch_size: int, passes: int, out: SmartTrimOutput) -> None:
+        """Per-module and per-group keep ratios per instance (the mean of its ``passes`` image-text passes: NLVR2's
+        two, a retrieval group's K), for every module at once: token modules count their trimmable tokens (the
+        prefix excluded), head modules their heads."""
         out.keep, out.sizes, out.keep_groups = {}, {}, {}
         if not run.records:
             return
         names = list(run.records)
-        rows = batch_size * (2 if self.config.task == "nlvr2" else 1)
+        rows = batch_size * passes
         groups = [run.records[n][0] for n in names]
         if not any(isinstance(v, Tensor) for n in names for v in run.records[n][1:]):  # plain numbers: one op
             recs = [run.records[n] for n in names]
@@ -555,4 +617,5 @@ def build_model(preset: str | ModelConfig = "meter-tiny", task: str = "vqa", num
     return SmartTrimModel(cfg, trim)
 
 
-__all__ = ["GROUPS", "METERBackbone", "SmartTrimModel", "SmartTrimOutput", "TrimmerSet", "build_model"]
+__all__ = ["GROUPS", "METERBackbone", "SmartTrimModel", "SmartTrimOutput", "TrimmerSet", "build_model",
+           "rank_from_itm"]

@@ -162,7 +162,11 @@ def pretrain_accuracy(out: PretrainOutput, batch: dict[str, Tensor]) -> dict[str
 
 
 def save_pretrain(model: PretrainModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-    """The backbone with its ITM head as a model directory (``save_pretrained``) plus ``mlm_head.safetensors``."""
+    """The backbone with its ITM head as a model directory (``save_pretrained``) plus ``mlm_head.safetensors``.
+
+    Pre-training never trains the retrieval score ``rank_output``: it is set from the trained ITM head first
+    (``SmartTrimModel.reset_rank_output``, METER's start of IRTR fine-tuning), so the export ranks as its ITM head."""
+    model.vlm.reset_rank_output()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.mlm_head.state_dict().items()}

@@ -93,9 +93,12 @@ class TrainConfig:
 
 
 def param_kind(name: str) -> str:
-    """Which learning-rate group a parameter of ``SmartTrimModel`` belongs to (METER's name rules)."""
+    """Which learning-rate group a parameter of ``SmartTrimModel`` belongs to (METER's name rules). The retrieval
+    score ``rank_output`` is not among METER's head names (``set_schedule``): it learns at the base rate."""
     if name.startswith("trimmers."):
         return "trimmer"
+    if name.startswith("rank_output."):
+        return "encoder"
     if name.startswith("head."):
         return "head"
     if "cross_modal" in name:

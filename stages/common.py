@@ -22,13 +22,15 @@ class ModelDataConfig:
     model: str
     """An exported model directory (``save_pretrained``)."""
     shards: str
-    """A shard location written by ``stages.shard`` (its tokenizer is used unless ``tokenizer`` is set)."""
+    """A shard location written by ``stages.shard``."""
     out: str
     split: str = "val"
     threads: int = 2
     device: str = "cpu"
     """``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
     tokenizer: str | None = None
+    """The tokenizer to read the shards' texts with; None = the model's own (``<model>/tokenizer``, saved by every
+    fine-tuning: texts must be tokenized as in training), else the shards' (a model directory without one)."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -58,11 +60,40 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def instance_scores(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) score of each instance's argmax prediction: its VQA soft score (``labels`` (B, A) are the METER/ViLT
-    soft scores), else whether it is the label (NLVR2, SNLI-VE, ITM pairs)."""
+    soft scores), else whether it is the label (NLVR2, SNLI-VE; retrieval groups: whether the true text scores
+    highest among the image's 1 + N texts)."""
     pred = logits.argmax(-1)
     if task == "vqa":
         return labels.gather(1, pred[:, None])[:, 0].float()
     return (pred == labels).float()
+
+
+def stage_tokenizer(cfg: ModelDataConfig) -> Any:
+    """The tokenizer a measuring stage reads ``cfg.shards`` with (see ``ModelDataConfig.tokenizer``)."""
+    from smarttrim.data.loader import shard_tokenizer
+
+    own = Path(cfg.model) / "tokenizer"
+    return shard_tokenizer(cfg.shards, cfg.tokenizer or (own if own.is_dir() else None))
+
+
+def check_labels(cfg: ModelDataConfig, manifest: dict[str, Any], num_labels: int) -> None:
+    """Refuse shards whose label vocabulary (index -> answer/label) is not the one the model was trained with: its
+    ``config.json`` records the training shards' ``labels`` (models exported before that: the count is checked)."""
+    from smarttrim.io import read_config
+
+    want = read_config(cfg.model)[2].get("labels")
+    have = list(manifest.get("labels") or [])
+    where = f"{cfg.model} (trained with {{}}) and {cfg.shards} ({{}})"
+    if want is None:
+        if have and len(have) != num_labels:
+            raise ValueError("label vocabularies differ: " + where.format(f"{num_labels} labels", f"{len(have)}"))
+        return
+    if list(want) != have:
+        first = next((i for i, (a, b) in enumerate(zip(want, have, strict=False)) if a != b), min(len(want), len(have)))
+        detail = (f"{len(want)} labels, index {first}: {want[first] if first < len(want) else 'none'!r}",
+                  f"{len(have)} labels, index {first}: {have[first] if first < len(have) else 'none'!r}")
+        raise ValueError("label vocabularies differ: " + where.format(*detail) +
+                         "; evaluate on shards made with the model's label vocabulary")
 
 
 def write_outputs(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
@@ -92,7 +123,7 @@ def add_model_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the shards')")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's own, else the shards')")
 
 
 def apply_overrides(data: dict[str, Any], items: list[str], strict: bool = True) -> dict[str, Any]:

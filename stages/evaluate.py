@@ -8,10 +8,13 @@ removed), in batches; every sample of the split is read exactly once. Writes ``m
 ``metric``, mean keep ratio per trimmer group, config, device) and ``predictions.jsonl``.
 
 VQA, NLVR2, SNLI-VE: one row per instance in ``predictions.jsonl`` (key, predicted label, its score, keep
-ratio per trimmer group). Metrics: VQA score (soft accuracy of the argmax answer against the shards'
-METER/ViLT soft scores, computed from officially normalized answers), NLVR2 and SNLI-VE accuracy, next to
-the shards' majority-answer and text-only baselines (the best answer per question text, from the shard
-manifest). Two checks of what the number means:
+ratio per trimmer group; VQA v2: its question_id). VQA v2 splits also get the official results file,
+``vqa_OpenEnded_mscoco_<split>_smarttrim_results.json`` (``[{"question_id": ..., "answer": ...}]``, what the
+evaluation server and the official ``vqaEval`` read); a split whose answers are hidden (``test-dev2015``,
+``test2015``) gets predictions only (``metric`` null, ``labelled`` false). Metrics: VQA score (soft accuracy of
+the argmax answer against the shards' METER/ViLT soft scores, computed from officially normalized answers),
+NLVR2 and SNLI-VE accuracy, next to the shards' majority-answer and text-only baselines (the best answer per
+question text, from the shard manifest). Two checks of what the number means:
 
 * ``permuted_images``: every batch is evaluated again with its images rolled by one (each text gets another
   instance's image): the metric then (a model that reads its image falls to about the text-only baseline)
@@ -26,15 +29,17 @@ manifest). Two checks of what the number means:
   types, ``records.question_kind``): the metric per kind next to that kind's text-only baseline, with permuted
   images too, so a model that reads its image for colours but answers "is there ..." from the prior shows.
 
-Retrieval (METER/ViLT protocol): the split is one gallery of I images and all T of their true captions. A
-pair's score is the ITM head's logit margin, logit(match) - logit(no match) (the log-odds of a match; it
-ranks exactly as the log-softmax of class 1), from one forward of the pair. Without --rerank-k all I x T
-pairs are scored. With --rerank-k K, all pairs are first ranked by the cosine similarity of uni-modal
-features (text [CLS] after cross_modal_text_transform, image [CLS] after cross_modal_image_transform of the
-untrimmed visual encoder: the inputs of the co-attention layers) and only each query's K most similar
-candidates (K images per caption, K captions per image) get an ITM score, as ALBEF/BLIP re-rank; the other
-candidates rank below all re-ranked ones, in cosine order. K >= T gives the full protocol's ranking exactly
-(K >= I: its text->image ranking). Ties rank the lower gallery index first.
+Retrieval (METER's ``compute_irtr_recall``): the split is one gallery of I images and all T of their true
+captions. A pair's score is the model's retrieval score, METER's ``rank_output`` on the pair's pooled
+features (what its rank loss trains), from one forward of the pair. By default all I x T pairs are scored, as
+METER does. --rerank-k K is an option, not METER's protocol: all pairs are first ranked by the cosine
+similarity of uni-modal features (text [CLS] after cross_modal_text_transform, image [CLS] after
+cross_modal_image_transform of the untrimmed visual encoder: the inputs of the co-attention layers) and only
+each query's K most similar candidates (K images per caption, K captions per image) get a model score, as
+ALBEF/BLIP re-rank with features their contrastive loss aligns; the other candidates rank below all re-ranked
+ones, in cosine order. Neither METER nor this model trains those features to align, so a true match outside
+the top K is lost: the run warns and records it (``warnings``). K >= T gives the full protocol's ranking
+exactly (K >= I: its text->image ranking). Ties rank the lower gallery index first.
 Metrics: image->text R@1/5/10 (tr_r1, tr_r5, tr_r10: an image query is a hit at K when ANY of its captions
 is in its top K), text->image R@1/5/10 (ir_r1, ir_r5, ir_r10: the caption's image is in its top K),
 tr_mean, ir_mean and rsum_mean (the mean of the six recalls, in [0, 1]; also ``metric``, named
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +64,7 @@ from torch import Tensor
 
 from smarttrim.data import shapes
 from smarttrim.data.gallery import Gallery, read_gallery
-from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
+from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
 from smarttrim.data.records import question_kind
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
@@ -66,9 +72,11 @@ from stages.common import (
     ModelDataConfig,
     StageOutputs,
     add_model_data_args,
+    check_labels,
     instance_scores,
     resolve_device,
     stage_parser,
+    stage_tokenizer,
     to_device,
     write_outputs,
 )
@@ -84,8 +92,8 @@ class EvaluateConfig(ModelDataConfig):
     batch_size: int = 64
     """Instances (retrieval: image-text pairs) per forward."""
     rerank_k: int | None = None
-    """Retrieval: ITM-score only each query's top-k candidates by uni-modal cosine similarity; None = every
-    pair (the METER/ViLT protocol)."""
+    """Retrieval: score only each query's top-k candidates by uni-modal cosine similarity (features no objective
+    aligns: a warning says so); None = every pair (METER's protocol)."""
     permute_images: bool = True
     """VQA / NLVR2 / SNLI-VE: evaluate every batch again with its images permuted (``permuted_images``)."""
 
@@ -105,20 +113,32 @@ def run(cfg: EvaluateConfig) -> StageOutputs:
     model = load_model(cfg.model).eval()
     if model.config.task != task:
         raise ValueError(f"{cfg.model}: model task {model.config.task!r} does not match the shards' {task!r}")
+    check_labels(cfg, manifest, model.config.num_labels)
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     model.to(device)
-    tokenizer = shard_tokenizer(cfg.shards, cfg.tokenizer)
+    tokenizer = stage_tokenizer(cfg)
     with torch.inference_mode():
         evaluate = _evaluate_retrieval if task == "retrieval" else _evaluate_classes
         rows, measured = evaluate(model, cfg, manifest, tokenizer, device)
+    files = {"predictions.jsonl": lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows))}
+    if rows and all("question_id" in r for r in rows):  # VQA v2: the official results file too
+        measured["results_file"] = vqa_results_name(cfg.split)
+        official = [{"question_id": r["question_id"], "answer": r["prediction"]} for r in rows]
+        files[measured["results_file"]] = lambda p: p.write_text(json.dumps(official) + "\n")
     metrics = {"task": task, "split": cfg.split, "metric_name": METRICS[task], **measured,
                "device": str(device), "config": asdict(cfg)}
     write_outputs(Path(cfg.out), {
-        "predictions.jsonl": lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)),
+        **files,
         "metrics.json": lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"),
     })
     return StageOutputs(Path(cfg.out), metrics)
+
+
+def vqa_results_name(split: str) -> str:
+    """The official VQA v2 results file name (``vqa_<task type>_<data type>_<subtype>_<method>_results.json``, as the
+    evaluation server and the official ``vqaEval`` expect): a list of ``{"question_id", "answer"}``."""
+    return f"vqa_OpenEnded_mscoco_{split}_smarttrim_results.json"
 
 
 def _check_task(cfg: EvaluateConfig, task: str) -> None:
@@ -147,20 +167,29 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
     focus = FocusMeter(model.config.image_size // model.config.patch_size) if _has_focus(manifest) else None
     rows: list[dict[str, Any]] = []
     keep: dict[str, list[Tensor]] = {}
+    labelled: bool | None = None
     for batch in loader:
-        if "labels" not in batch:
-            raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no labels to evaluate against")
+        if labelled is None:
+            labelled = "labels" in batch
+        elif labelled != ("labels" in batch):
+            raise ValueError(f"{cfg.shards}: split {cfg.split!r} labels some instances and not others")
         inputs = to_device(batch, device)
         out = model(inputs)
         pred = out.logits.argmax(-1).cpu()
-        scores = instance_scores(task, out.logits.cpu(), batch["labels"])
-        permuted = permuted_predictions(model, inputs) if cfg.permute_images and len(pred) > 1 else None
+        scores = instance_scores(task, out.logits.cpu(), batch["labels"]) if labelled else None
+        permuted = permuted_predictions(model, inputs) if labelled and cfg.permute_images and len(pred) > 1 \
+            else None
         permuted_scores = None if permuted is None else instance_scores(task, permuted, batch["labels"])
         for g, v in out.keep_groups.items():
             keep.setdefault(g, []).append(v.cpu())
         for i, key in enumerate(batch["keys"]):
-            row: dict[str, Any] = {"key": key, "prediction": labels[int(pred[i])], "score": float(scores[i]),
+            row: dict[str, Any] = {"key": key, "prediction": labels[int(pred[i])],
                                    "keep": {g: float(v[i]) for g, v in out.keep_groups.items()}}
+            if scores is not None:
+                row["score"] = float(scores[i])
+            question_id = batch["meta"][i].get("question_id")
+            if task == "vqa" and isinstance(question_id, int):
+                row["question_id"] = question_id
             if permuted is not None:
                 row["permuted"] = {"prediction": labels[int(permuted[i].argmax())],
                                    "score": float(permuted_scores[i])}
@@ -172,8 +201,11 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
             rows.append(row)
     if not rows:
         raise ValueError(f"{cfg.shards}: split {cfg.split!r} is empty")
+    if not labelled:  # hidden answers (VQA v2 test-dev2015 / test2015): predictions only, for the official server
+        return rows, {"metric": None, "labelled": False, "instances": len(rows),
+                      "keep": _mean_keep({g: torch.cat(v) for g, v in keep.items()})}
     measured: dict[str, Any] = {
-        "metric": sum(r["score"] for r in rows) / len(rows), "instances": len(rows),
+        "metric": sum(r["score"] for r in rows) / len(rows), "labelled": True, "instances": len(rows),
         "keep": _mean_keep({g: torch.cat(v) for g, v in keep.items()}),
         "majority_baseline": manifest.get("majority_baseline", {}).get("score", {}).get(cfg.split),
         "text_only_baseline": manifest.get("text_only_baseline", {}).get("score", {}).get(cfg.split),
@@ -271,9 +303,17 @@ class FocusMeter:
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
-def itm_score(logits: Tensor) -> Tensor:
-    """(P,) ITM score of pairs from the (P, 2) ITM logits: the margin logit(match) - logit(no match)."""
-    return logits[:, 1] - logits[:, 0]
+SCORE = "rank_output (METER's IRTR score of the pair)"
+"""What ranks a retrieval gallery (recorded in the metrics)."""
+RERANK_WARNING = ("rerank_k={k}: candidates pre-filtered by the cosine of uni-modal [CLS] features "
+                  "(cross_modal_text_transform / cross_modal_image_transform outputs), which neither METER nor this "
+                  "model trains to align (no contrastive objective): a true match outside a query's top {k} ranks "
+                  "below every candidate; METER scores all pairs (rerank_k=None)")
+
+
+def rank_score(logits: Tensor) -> Tensor:
+    """(P,) retrieval scores of pairs from the model's (P, 1) logits on one text per image: ``rank_output``."""
+    return logits[:, 0]
 
 
 def best_ranks(scores: Tensor, relevant: Tensor) -> tuple[Tensor, Tensor]:
@@ -331,11 +371,11 @@ def topk_candidates(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return i2t, t2i
 
 
-def rerank_scores(itm: Tensor, candidates: Tensor, sim: Tensor) -> Tensor:
-    """Scores that rank the ``candidates`` by ``itm`` above every other pair, those by cosine ``sim``
-    (in [-1, 1]): non-candidates get ``min(itm over candidates) - 3 + sim``."""
-    floor = itm[candidates].min() - 3.0
-    return torch.where(candidates, itm, floor + sim.to(itm.dtype))
+def rerank_scores(scores: Tensor, candidates: Tensor, sim: Tensor) -> Tensor:
+    """Scores that rank the ``candidates`` by the model's ``scores`` above every other pair, those by cosine ``sim``
+    (in [-1, 1]): non-candidates get ``min(scores over candidates) - 3 + sim``."""
+    floor = scores[candidates].min() - 3.0
+    return torch.where(candidates, scores, floor + sim.to(scores.dtype))
 
 
 def _tokenize(tokenizer: Any, texts: tuple[str, ...], max_len: int) -> dict[str, Tensor]:
@@ -356,13 +396,13 @@ def _texts(tokens: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
 
 def score_pairs(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tensor], pairs: Tensor,
                 batch_size: int, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
-    """ITM scores (P,) of (image, caption) index pairs (P, 2), in batches on the model's current path, and
+    """Retrieval scores (P,) of (image, caption) index pairs (P, 2), in batches on the model's current path, and
     the (P,) keep ratio per trimmer group of each pair's forward."""
     scores, keep = [], {}
     for start in range(0, len(pairs), batch_size):
         image, text = pairs[start:start + batch_size].T
         out = model(to_device({"pixel_values": gallery.images[image], **_texts(tokens, text)}, device))
-        scores.append(itm_score(out.logits).double().cpu())
+        scores.append(rank_score(out.logits).double().cpu())
         for g, v in out.keep_groups.items():
             keep.setdefault(g, []).append(v.cpu())
     return torch.cat(scores), {g: torch.cat(v) for g, v in keep.items()}
@@ -380,7 +420,7 @@ def unimodal_similarity(model: SmartTrimModel, gallery: Gallery, tokens: dict[st
 
 def retrieval_scores(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tensor], rerank_k: int | None,
                      batch_size: int, device: torch.device) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
-    """(I, T) i2t and t2i ranking scores, the number of pairs ITM-scored and their keep ratios per group."""
+    """(I, T) i2t and t2i ranking scores, the number of pairs the model scored and their keep ratios per group."""
     shape = (len(gallery.keys), len(gallery.texts))
     if rerank_k is None:
         i2t = t2i = torch.ones(shape, dtype=torch.bool)
@@ -390,9 +430,9 @@ def retrieval_scores(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, 
         i2t, t2i = topk_candidates(sim, rerank_k)
     pairs = (i2t | t2i).nonzero()  # (P, 2) image, caption
     scores, keep = score_pairs(model, gallery, tokens, pairs, batch_size, device)
-    itm = torch.full(shape, float("nan"), dtype=torch.float64)
-    itm[pairs[:, 0], pairs[:, 1]] = scores
-    return rerank_scores(itm, i2t, sim), rerank_scores(itm, t2i, sim), len(pairs), keep
+    model_scores = torch.full(shape, float("nan"), dtype=torch.float64)
+    model_scores[pairs[:, 0], pairs[:, 1]] = scores
+    return rerank_scores(model_scores, i2t, sim), rerank_scores(model_scores, t2i, sim), len(pairs), keep
 
 
 def _retrieval_rows(gallery: Gallery, ranking: Ranking) -> list[dict[str, Any]]:
@@ -406,7 +446,12 @@ def _retrieval_rows(gallery: Gallery, ranking: Ranking) -> list[dict[str, Any]]:
 
 def _evaluate_retrieval(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict[str, Any], tokenizer: Any,
                         device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """R@1/5/10 both ways over the split's gallery, ITM scores on the pruning path (optionally re-ranked)."""
+    """R@1/5/10 both ways over the split's gallery, the model's scores of every pair on the pruning path (with
+    ``rerank_k``: of each query's cosine candidates, with a warning, also in the metrics' ``warnings``)."""
+    notes = []
+    if cfg.rerank_k is not None:
+        notes.append(RERANK_WARNING.format(k=cfg.rerank_k))
+        warnings.warn(notes[-1], UserWarning, stacklevel=2)
     gallery = read_gallery(cfg.shards, cfg.split, model.config.image_size, manifest)
     tokens = _tokenize(tokenizer, gallery.texts, model.config.max_text_len)
     i2t, t2i, scored, keep = retrieval_scores(model, gallery, tokens, cfg.rerank_k, cfg.batch_size, device)
@@ -414,8 +459,8 @@ def _evaluate_retrieval(model: SmartTrimModel, cfg: EvaluateConfig, manifest: di
     recalls = ranking.metrics()
     return _retrieval_rows(gallery, ranking), {
         "metric": recalls["rsum_mean"], **recalls, "images": len(gallery.keys), "texts": len(gallery.texts),
-        "rerank_k": cfg.rerank_k, "itm_score": "logit margin (match - no match)", "pairs_scored": scored,
-        "pairs_total": len(gallery.keys) * len(gallery.texts), "keep": _mean_keep(keep),
+        "rerank_k": cfg.rerank_k, "score": SCORE, "pairs_scored": scored,
+        "pairs_total": len(gallery.keys) * len(gallery.texts), "keep": _mean_keep(keep), "warnings": notes,
     }
 
 
@@ -425,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     add_model_data_args(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="instances (retrieval: pairs) per forward")
     parser.add_argument("--rerank-k", type=int, default=None,
-                        help="retrieval: ITM-score only each query's top K candidates by uni-modal cosine "
-                             "similarity (default: every image-text pair)")
+                        help="retrieval: score only each query's top K candidates by uni-modal cosine similarity "
+                             "(features nothing trains to align: warns; default: every image-text pair, as METER)")
     parser.add_argument("--no-permute-images", dest="permute_images", action="store_false",
                         help="skip the second pass with permuted images")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 and precision fields are ``"auto"`` and filled from the ``TrainConfig``."""
 
 TRAINING_FIELDS = ("shards", "train_split", "preset", "init", "pretrained", "dropout", "image_size", "trim", "train",
-                   "num_workers", "deepspeed", "tokenizer", "objective")
+                   "num_workers", "deepspeed", "tokenizer", "objective", "false_texts")
 """The fields that decide what is trained: a checkpoint resumes only a run with the same values."""
 
 
@@ -53,6 +53,10 @@ class FinetuneConfig:
     vision_weight: float = 0.0
     """``pretrain`` only: weight of the supervised visual objective on the built-in scenes' object labels
     (``smarttrim.pretraining``); 0 = METER's MLM + ITM only."""
+    false_texts: int = 15
+    """Retrieval shards: false texts per image of METER's rank loss (``compute_irtr``; its ``draw_false_text`` is
+    15): every training image is scored with its true caption and these, drawn from the batch's other images'
+    captions (``LoaderConfig.false_texts``); the periodic validation ranks the same groups. Other tasks ignore it."""
     dropout: float | None = None
     """Override of the model's dropout (None = the preset's, or the init model's)."""
     image_size: int | None = None
@@ -122,6 +126,8 @@ class FinetuneConfig:
             raise ValueError(f"val_every={self.val_every!r}: must be >= 1 or None")
         if self.val_samples < 1:
             raise ValueError(f"val_samples={self.val_samples!r}: must be >= 1")
+        if self.false_texts < 1:
+            raise ValueError(f"false_texts={self.false_texts!r}: must be >= 1 (the rank loss needs a false text)")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1) or None")
         if self.trim is not None and not isinstance(self.trim, TrimConfig):

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from smarttrim.data.loader import LoaderConfig, make_loader, shard_tokenizer
+from smarttrim.data.loader import LoaderConfig, make_loader
 from smarttrim.flops import count_flops, strip_padding
 from smarttrim.io import load_model
 from smarttrim.model import SmartTrimModel
@@ -49,6 +49,7 @@ from stages.common import (
     add_model_data_args,
     resolve_device,
     stage_parser,
+    stage_tokenizer,
     to_device,
     write_outputs,
 )
@@ -96,7 +97,7 @@ def backbone_flops(backbone: SmartTrimModel, singles: list[dict[str, Any]]) -> l
 
 def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The subset as unpadded batches of one, and as batches of ``batch_size`` (for throughput)."""
-    tokenizer = shard_tokenizer(cfg.shards, cfg.tokenizer)
+    tokenizer = stage_tokenizer(cfg)
     loader_cfg = LoaderConfig(batch_size=cfg.batch_size, image_size=model.config.image_size,
                               max_text_len=model.config.max_text_len)
     batches, singles = [], []

@@ -5,7 +5,8 @@
 
 Writes ``<split>-NNNNNN.tar`` shards and ``manifest.json`` (source, task, per-split sample and shard
 counts, label vocabulary, per-shard sha256, skipped records with reasons, majority-answer baseline,
-tokenizer location). Each sample in a shard is ``<key>.json`` (texts, label, answers, scores, meta) plus
+tokenizer location: ``--tokenizer``, else one trained beside the shards on the training split's texts, or the
+built-in one for ``shapes``). Each sample in a shard is ``<key>.json`` (texts, label, answers, scores, meta) plus
 ``<key>.img0.<ext>`` (and ``.img1.<ext>`` for NLVR2): the source's encoded image bytes, stored as they are
 after a full decode check.
 
@@ -84,7 +85,13 @@ class ShardConfig:
     vqa_min_count: int = 9
     """VQA answer vocabulary: multiple-choice answers given at least this often over the sharded splits."""
     tokenizer: str | None = None
-    """A local tokenizer directory (official sources); shapes trains one beside the shards."""
+    """A local tokenizer directory. None: shapes trains the built-in one; an official source trains one on the
+    texts of ``tokenizer_split`` (``smarttrim.data.tokenizer.train_tokenizer``), saved beside the shards."""
+    tokenizer_split: str | None = None
+    """Official sources without ``tokenizer``: the split whose texts the tokenizer is trained on (None = the
+    first split found, the training one: ``readers.splits_of`` lists train first)."""
+    tokenizer_vocab: int | None = None
+    """Vocabulary size of that trained tokenizer (None = 512, the small presets'; at most the model's)."""
     workers: int = 0
     """Processes for sharding splits in parallel; 0 = min(number of splits, CPU count)."""
 
@@ -111,6 +118,8 @@ class ShardConfig:
             raise bad("limit", "must be >= 1")
         if self.shapes_sizes is not None and (len(self.shapes_sizes) != 3 or min(self.shapes_sizes) < 1):
             raise bad("shapes_sizes", "must be three positive sizes (train, val, test)")
+        if self.tokenizer_vocab is not None and self.tokenizer_vocab < 16:
+            raise bad("tokenizer_vocab", "must be >= 16")
 
     @property
     def resolved_task(self) -> str:
@@ -241,6 +250,7 @@ class SplitResult:
     kinds: list[str | None] = field(default_factory=list)
     """Per labelled sample: its ``records.question_kind`` (None when the source gives none), aligned too."""
     texts: list[str] = field(default_factory=list)
+    """Every text of every sharded sample (a tokenizer's training corpus)."""
 
 
 def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int]) -> SplitResult:
@@ -265,6 +275,7 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int])
             keys.add(item.key)
             sink.write(record)
             result.samples += 1
+            result.texts.extend(item.texts)
             info = json.loads(record["json"])
             if task == "vqa":
                 result.label_scores.append(info["scores"])
@@ -274,7 +285,6 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int])
                 continue
             result.questions.append(item.texts[0])
             result.kinds.append(question_kind(item.meta))
-            result.texts.extend(item.texts)
     for file in sorted(Path(tmp).glob(f"{split}-*.tar")):
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
         result.shards.append({"file": file.name, "sha256": digest})
@@ -395,6 +405,10 @@ def run(cfg: ShardConfig) -> ShardOutputs:
     splits = default_splits(cfg)
     if not splits:
         raise DataError(cfg.root or cfg.source, f"no splits found for source {cfg.source!r}")
+    trains_tokenizer = cfg.source != "shapes" and not cfg.tokenizer
+    tokenizer_split = (cfg.tokenizer_split or splits[0]) if trains_tokenizer else None
+    if tokenizer_split is not None and tokenizer_split not in splits:
+        raise ValueError(f"tokenizer_split={tokenizer_split!r}: not a split of {cfg.root} (has {list(splits)})")
     labels = {name: i for i, name in enumerate(label_vocabulary(cfg, splits))}
     tmp = temp_dir_beside(out)
     try:
@@ -409,11 +423,19 @@ def run(cfg: ShardConfig) -> ShardOutputs:
             _count_shard_samples(r, cfg.shard_size)
         tokenizer = cfg.tokenizer and str(Path(cfg.tokenizer).resolve())
         if cfg.source == "shapes" and not cfg.tokenizer:
-            from smarttrim.data.tokenizer import train_tokenizer  # only shapes trains its tokenizer
+            from smarttrim.data.tokenizer import train_tokenizer
 
             # on the texts of every flavor (one generator seed): every shapes shard set, whatever its flavor and
             # seed, gets the same tokenizer, so a model pretrained on shapes captions reads shapes questions
             train_tokenizer(shapes_tokenizer_corpus(), tmp / "tokenizer")
+            tokenizer = "tokenizer"
+        elif trains_tokenizer:  # an official source and no tokenizer: one trained on the training split's texts
+            from smarttrim.data.tokenizer import train_tokenizer
+
+            corpus = next(r.texts for r in results if r.split == tokenizer_split)
+            if not corpus:
+                raise DataError(f"{cfg.source}/{tokenizer_split}", "no texts to train a tokenizer on")
+            train_tokenizer(corpus, tmp / "tokenizer", vocab_size=cfg.tokenizer_vocab or 512)
             tokenizer = "tokenizer"
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp, "source": cfg.source,
@@ -447,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="shapes: split sizes")
     parser.add_argument("--image-size", type=int, default=64, help="shapes: rendered image size")
     parser.add_argument("--vqa-min-count", type=int, default=9, help="VQA: min answer count for the vocabulary")
-    parser.add_argument("--tokenizer", help="local tokenizer directory (official sources)")
+    parser.add_argument("--tokenizer", help="local tokenizer directory (default: shapes' built-in one; official "
+                        "sources: one trained on the training split's texts)")
+    parser.add_argument("--tokenizer-split", help="official sources without --tokenizer: the split to train it on")
+    parser.add_argument("--tokenizer-vocab", type=int, help="that tokenizer's vocabulary size (default 512)")
     parser.add_argument("--workers", type=int, default=0, help="parallel processes (0 = auto)")
     args = parser.parse_args(argv)
     try:
@@ -456,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                           on_error=args.on_error, limit=args.limit, seed=args.seed,
                           shapes_sizes=tuple(args.sizes) if args.sizes else None,
                           shapes_image_size=args.image_size, vqa_min_count=args.vqa_min_count,
-                          tokenizer=args.tokenizer, workers=args.workers)
+                          tokenizer=args.tokenizer, tokenizer_split=args.tokenizer_split,
+                          tokenizer_vocab=args.tokenizer_vocab, workers=args.workers)
         result = run(cfg)
     except (DataError, ValueError, FileNotFoundError) as err:
         print(f"shard: error: {err}", file=sys.stderr)

@@ -135,8 +135,10 @@ def export_state(engine: Any, bf16: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(module: SmartTrimModel | PretrainModel, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """The exported model directory from the full fp32 state dict: a task model (``save_pretrained``) or, for
+def export_model(module: SmartTrimModel | PretrainModel, weights: dict[str, torch.Tensor], path: Path,
+                 labels: list[str] | None = None) -> None:
+    """The exported model directory from the full fp32 state dict: a task model (``save_pretrained``; its
+    ``config.json`` records ``labels``, the training shards' label vocabulary, which evaluation checks) or, for
     pre-training, the ITM model plus its MLM head (``save_pretrain``)."""
     if isinstance(module, PretrainModel):
         export = PretrainModel(module.config, vision_weight=module.vision_weight)
@@ -145,7 +147,7 @@ def export_model(module: SmartTrimModel | PretrainModel, weights: dict[str, torc
         return
     export = SmartTrimModel(module.config, module.trim_config)
     export.load_state_dict(weights)
-    save_pretrained(export, path, extra={"tokenizer": "tokenizer"})
+    save_pretrained(export, path, extra={"tokenizer": "tokenizer", "labels": list(labels or [])})
 
 
 @dataclass
@@ -164,9 +166,17 @@ class Validation:
               model: SmartTrimModel | PretrainModel) -> Validation | None:
         if cfg.val_split is None or cfg.val_split not in manifest["splits"]:
             return None
+        batch_size = min(64, cfg.val_samples)
+        if manifest["task"] == "retrieval" and cfg.objective == "task":  # false texts come from the batch's others
+            used = min(cfg.val_samples, manifest["splits"][cfg.val_split]["samples"])
+            if used < 2:
+                return None
+            if used % batch_size == 1:  # no one-image batch at the end
+                batch_size = batch_size - 1 if batch_size > 2 else batch_size + 1
         loader = make_loader(cfg.shards, cfg.val_split, tokenizer, LoaderConfig(
-            batch_size=min(64, cfg.val_samples), image_size=model.config.image_size,
-            max_text_len=model.config.max_text_len, objective=cfg.objective, rank=0, world_size=1))
+            batch_size=batch_size, image_size=model.config.image_size,
+            max_text_len=model.config.max_text_len, objective=cfg.objective, false_texts=cfg.false_texts, rank=0,
+            world_size=1))
         batches, n = [], 0
         for batch in loader:
             batches.append(batch)
@@ -229,7 +239,8 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     model = build_initial_model(cfg, manifest)
     base = LoaderConfig(batch_size=tcfg.batch_size, image_size=model.config.image_size,
                         max_text_len=model.config.max_text_len, train=True, seed=tcfg.seed,
-                        num_workers=cfg.loader_workers, rank=rank, world_size=world, objective=cfg.objective)
+                        num_workers=cfg.loader_workers, rank=rank, world_size=world, objective=cfg.objective,
+                        false_texts=cfg.false_texts)
     validation = Validation.build(cfg, manifest, tokenizer, model) if rank == 0 else None
     plans, steps_per_epoch, total = epoch_schedule(cfg, manifest, base, world)
 
@@ -268,7 +279,7 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state.__dict__))
                 if weights is not None:
-                    export_model(module, weights, Path(tmp) / EXPORT_DIR)
+                    export_model(module, weights, Path(tmp) / EXPORT_DIR, manifest.get("labels"))
                     tokenizer.save_pretrained(str(Path(tmp) / EXPORT_DIR / "tokenizer"))
             metrics = {"step": state.step, "final": final, **(state.history[-1] if state.history else {})}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -63,11 +63,13 @@ def test_every_task_runs_both_paths(task: str) -> None:
     model = tiny(task, trim=TrimConfig())
     batch = model.dummy_batch(2, seed=0)
     out = model(batch)
-    assert out.logits.shape == (2, model.config.num_labels) and torch.isfinite(out.loss)
+    # retrieval: one rank_output score per image-text pair, the true text and 2 false ones (METER's IRTR)
+    shape = (2, 3) if task == "retrieval" else (2, model.config.num_labels)
+    assert out.logits.shape == shape and torch.isfinite(out.loss)
     assert set(out.keep_groups) == {"vision_tokens", "text_tokens", "heads"}
     model.eval()
     with torch.no_grad():
-        assert model(batch).logits.shape == (2, model.config.num_labels)
+        assert model(batch).logits.shape == shape
 
 
 def test_bad_batches_raise_clear_errors() -> None:

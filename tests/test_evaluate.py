@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+import yaml
 from conftest import randomize_trimmers, tiny
 
 import smarttrim
@@ -142,11 +143,34 @@ def test_evaluate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         EvaluateConfig(model="m", shards="s", out="o", rerank_k=0)
 
 
+def test_the_model_reads_with_its_own_tokenizer_and_label_vocabulary(tmp_path: Path) -> None:
+    from smarttrim.data.tokenizer import train_tokenizer
+    from stages.common import ModelDataConfig, stage_tokenizer
+
+    shards = _shards(tmp_path, "vqa")
+    labels = json.loads((shards / "manifest.json").read_text())["labels"]
+    model = tiny("vqa", num_labels=len(labels))
+    smarttrim.save_pretrained(model, tmp_path / "model", extra={"labels": labels})
+    train_tokenizer(["what color is the zebra ?"], tmp_path / "model" / "tokenizer", vocab_size=40)
+    cfg = ModelDataConfig(model=str(tmp_path / "model"), shards=str(shards), out=str(tmp_path / "e"))
+    own = set(stage_tokenizer(cfg).get_vocab())
+    assert "zebra" in own and own == set(load_tokenizer(tmp_path / "model" / "tokenizer").get_vocab())
+    assert set(stage_tokenizer(ModelDataConfig(model="none", shards=str(shards), out="o")).get_vocab()) == \
+        set(load_tokenizer(shards / "tokenizer").get_vocab()), "a model directory without one: the shards'"
+    run(EvaluateConfig(model=str(tmp_path / "model"), shards=str(shards), out=str(tmp_path / "e")))
+    swapped = [labels[1], labels[0], *labels[2:]]  # same size, another order: every prediction would be renamed
+    smarttrim.save_pretrained(model, tmp_path / "other", extra={"labels": swapped})
+    with pytest.raises(ValueError, match=rf"label vocabularies differ: .*other \(trained with {len(labels)} labels, "
+                       rf"index 0: '{swapped[0]}'\) and .*vqa \({len(labels)} labels, index 0: '{labels[0]}'\)"):
+        run(EvaluateConfig(model=str(tmp_path / "other"), shards=str(shards), out=str(tmp_path / "e2")))
+    assert not (tmp_path / "e2").exists()
+
+
 def test_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "stages.evaluate", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert "--model" in out and "predictions.jsonl" in out
-    assert "--rerank-k" in out and "mean_recall" in out and "logit margin" in out
+    assert "--rerank-k" in out and "mean_recall" in out and "rank_output" in out
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -156,13 +180,16 @@ N_VAL = 12
 
 @pytest.fixture(scope="module")
 def retrieval(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Retrieval shards (val: 12 images in 3 shards) and a meter-tiny ITM model with mixed trimming decisions."""
+    """Retrieval shards (val: 12 images in 3 shards) and a meter-tiny retrieval model with mixed trimming decisions
+    whose ``rank_output`` is not its start (the ITM head's match row): only METER's score ranks as it does."""
     tmp = tmp_path_factory.mktemp("retrieval")
     shard(ShardConfig(source="shapes", task="retrieval", out=str(tmp / "shards"), shapes_sizes=(6, N_VAL, 3),
                       shard_size=5))
     torch.manual_seed(0)
     model = tiny("retrieval", trim=smarttrim.TrimConfig())
     randomize_trimmers(model, seed=1, std=0.3)
+    with torch.no_grad():
+        model.rank_output.weight.normal_(0.0, 0.5)
     model.save_pretrained(tmp / "model")
     return tmp / "shards", tmp / "model"
 
@@ -190,8 +217,9 @@ def _within(ranks: list[int], allowed: list[tuple[int, int]]) -> bool:
 
 
 def _brute_force(retrieval: tuple[Path, Path]) -> tuple[list[int], list[int], dict[str, float]]:
-    """Text and image query ranks, and mean keep ratios, from batch-of-one ITM forwards of every pair: keys
-    and captions from the generator, images from the training loader, each caption tokenized alone."""
+    """Text and image query ranks, and mean keep ratios, from batch-of-one forwards of every pair scored by
+    ``rank_output`` (METER's ``compute_irtr_recall``): keys and captions from the generator, images from the
+    training loader, each caption tokenized alone."""
     shards, model_dir = retrieval
     model = smarttrim.load_model(model_dir).eval()
     tok = load_tokenizer(shards / "tokenizer")
@@ -208,7 +236,7 @@ def _brute_force(retrieval: tuple[Path, Path]) -> tuple[list[int], list[int], di
                 one = strip_padding({"pixel_values": pixels[s.key], "input_ids": enc["input_ids"],
                                      "attention_mask": enc["attention_mask"]})
                 out = model(one)
-                scores[i][t] = float(out.logits[0, 1] - out.logits[0, 0])
+                scores[i][t] = float(out.logits[0, 0])  # rank_output on the pair's pooled features
                 for g, v in out.keep_groups.items():
                     keep.setdefault(g, []).append(float(v[0]))
     text_ranks = [_rank([row[t] for row in scores], i) for t, (i, _) in enumerate(texts)]
@@ -232,25 +260,34 @@ def test_retrieval_matches_brute_force(retrieval: tuple[Path, Path], tmp_path: P
     assert m["metric"] == m["rsum_mean"] == pytest.approx((m["tr_mean"] + m["ir_mean"]) / 2)
     assert m["metric_name"] == "mean_recall" and 0 < m["ir_r10"] < 1, "a gallery where R@10 says something"
     assert m["pairs_scored"] == m["pairs_total"] == N_VAL * len(text_ranks) and m["images"] == N_VAL
+    assert m["rerank_k"] is None and m["warnings"] == [] and m["score"].startswith("rank_output"), "every pair"
     assert m["keep"] == pytest.approx(keep, abs=1e-5) and m["keep"]["vision_tokens"] < 1, "real pruning"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rsum_mean"] == m["rsum_mean"]
     assert all(len(r["top5"]) == 5 for r in rows if r["query"] == "text")
 
 
+UNALIGNED = "neither METER nor this model trains to align"
+"""The warning of every re-ranked evaluation: the uni-modal features it pre-filters by were never aligned."""
+
+
 def test_retrieval_rerank(retrieval: tuple[Path, Path], tmp_path: Path) -> None:
     full = _evaluate(retrieval, tmp_path / "full", None)
     n_img, n_txt = full["images"], full["texts"]
-    everything = _evaluate(retrieval, tmp_path / "all", n_txt)
+    with pytest.warns(UserWarning, match=UNALIGNED):
+        everything = _evaluate(retrieval, tmp_path / "all", n_txt)
     assert {k: everything[k] for k in RECALLS} == {k: full[k] for k in RECALLS}, "k >= T: the full protocol"
     assert everything["pairs_scored"] == n_img * n_txt
-    images = _evaluate(retrieval, tmp_path / "images", n_img)
+    with pytest.warns(UserWarning, match=UNALIGNED):
+        images = _evaluate(retrieval, tmp_path / "images", n_img)
     assert {k: images[k] for k in RECALLS if k.startswith("ir")} == {k: full[k] for k in RECALLS if k.startswith("ir")}
     shards, model_dir = retrieval
-    assert main(["--model", str(model_dir), "--shards", str(shards), "--out", str(tmp_path / "k2"), "--threads", "1",
-                 "--rerank-k", "2"]) == 0
+    with pytest.warns(UserWarning, match=f"rerank_k=2: .*{UNALIGNED}"):
+        assert main(["--model", str(model_dir), "--shards", str(shards), "--out", str(tmp_path / "k2"), "--threads",
+                     "1", "--rerank-k", "2"]) == 0
     small = json.loads((tmp_path / "k2" / "metrics.json").read_text())
     assert n_txt < small["pairs_scored"] <= 2 * (n_img + n_txt) < n_img * n_txt
     assert all(0 <= small[k] <= 1 for k in RECALLS) and small["rerank_k"] == 2
+    assert len(small["warnings"]) == 1 and UNALIGNED in small["warnings"][0], "recorded with the metrics"
     # each caption's two first images are its two most similar ones by uni-modal cosine (computed here alone)
     model, gallery = smarttrim.load_model(model_dir).eval(), read_gallery(shards, "val", 32)
     tok = load_tokenizer(shards / "tokenizer")
@@ -262,6 +299,13 @@ def test_retrieval_rerank(retrieval: tuple[Path, Path], tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "k2" / "predictions.jsonl").read_text().splitlines()]
     text_rows = [r for r in rows if r["query"] == "text"]
     assert [set(r["top5"][:2]) for r in text_rows] == [{gallery.keys[i] for i in n.tolist()} for n in nearest]
+
+
+def test_paper_config_scores_every_retrieval_pair() -> None:
+    """The paper's setting evaluates retrieval as METER does: every image-text pair scored, no cosine pre-filter."""
+    paper = yaml.safe_load((ROOT / "pipeline" / "configs" / "paper.yaml").read_text())
+    assert "rerank_k" in paper["evaluate"] and paper["evaluate"]["rerank_k"] is None
+    assert any(t["data"]["task"] == "retrieval" for t in paper["tasks"])
 
 
 def test_recall_by_hand() -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import smarttrim
+from smarttrim.data.gallery import read_gallery
 from smarttrim.data.loader import LoaderConfig, make_loader, plan_epoch, read_manifest
 from smarttrim.data.tokenizer import load_tokenizer
 from stages.shard import ShardConfig, run
@@ -154,10 +155,10 @@ def test_planned_epoch_gives_every_rank_the_same_number_of_batches(vqa_shards: P
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_skipping_batches_resumes_an_epoch_exactly(retrieval_shards: Path, num_workers: int) -> None:
     """A resumed epoch (skip k batches) yields exactly the uninterrupted epoch's batches from k on: same
-    samples, same captions, same ITM negatives."""
+    samples, same captions, same false texts."""
     manifest, tok = read_manifest(retrieval_shards), _tokenizer(retrieval_shards)
     base = LoaderConfig(batch_size=4, image_size=32, train=True, seed=3, epoch=1, num_workers=num_workers,
-                        shuffle_buffer=10)
+                        shuffle_buffer=10, false_texts=3)
     plan = plan_epoch(manifest, "train", base, world_size=1)
     cfg = dataclasses.replace(base, batches_per_worker=plan.batches_per_worker)
     full = list(make_loader(retrieval_shards, "train", tok, cfg))
@@ -171,6 +172,42 @@ def test_skipping_batches_resumes_an_epoch_exactly(retrieval_shards: Path, num_w
             assert torch.equal(a["pixel_values"], b["pixel_values"])
     with pytest.raises(ValueError, match="skip_batches needs batches_per_worker"):
         LoaderConfig(train=True, skip_batches=2)
+
+
+def _ids(tok, text: str) -> tuple[int, ...]:  # noqa: ANN001
+    return tuple(tok(text, truncation=True, max_length=24)["input_ids"])
+
+
+def test_retrieval_training_batches_hold_the_true_text_then_n_false_ones(retrieval_shards: Path) -> None:
+    """METER's IRTR batch (``compute_irtr``): per image its true caption first, then ``false_texts`` captions of other
+    images (here drawn from the batch's), labels 0 (the true text's index); the model scores each image with all
+    of them and trains a softmax over them."""
+    tok = _tokenizer(retrieval_shards)
+    gallery = read_gallery(retrieval_shards, "train", 32)
+    captions = {key: [gallery.texts[t] for t in (gallery.text_image == i).nonzero()[:, 0].tolist()]
+                for i, key in enumerate(gallery.keys)}
+    cfg = LoaderConfig(batch_size=4, image_size=32, max_text_len=24, train=True, shuffle_buffer=10, false_texts=5)
+    batches = list(make_loader(retrieval_shards, "train", tok, cfg))
+    assert batches and all(b["input_ids"].shape[:2] == (4, 6) == b["attention_mask"].shape[:2] for b in batches)
+    for batch in batches:
+        assert batch["labels"].tolist() == [0, 0, 0, 0] and batch["pixel_values"].shape == (4, 3, 32, 32)
+        for b, key in enumerate(batch["keys"]):
+            own = {_ids(tok, c) for c in captions[key]}
+            others = {_ids(tok, c) for k in batch["keys"] if k != key for c in captions[k]
+                      if c.lower() not in {o.lower() for o in captions[key]}}
+            rows = [tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"][b], batch["attention_mask"][b],
+                                                                strict=True)]
+            assert rows[0] in own, "the true caption first"
+            assert all(r in others for r in rows[1:]), "false texts: captions of the batch's other images"
+            assert len(set(rows[1:])) == 5, "drawn without replacement when the batch has enough"
+    model = smarttrim.build_model("meter-tiny", task="retrieval", max_text_len=24, dropout=0.0).train()
+    out = model(batches[0])
+    assert out.logits.shape == (4, 6) and out.loss_parts["task"] > 0
+    # without false texts (evaluation, profiling): one true caption per image, nothing to rank against
+    plain = next(iter(make_loader(retrieval_shards, "val", tok, LoaderConfig(batch_size=3, image_size=32))))
+    assert plain["input_ids"].dim() == 2 and "labels" not in plain
+    with pytest.raises(ValueError, match="false_texts=-1"):
+        LoaderConfig(false_texts=-1)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

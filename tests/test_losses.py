@@ -62,7 +62,57 @@ def test_curriculum_schedule() -> None:
     assert off.gamma(0.0) == pytest.approx(off.targets)
 
 
-@pytest.mark.parametrize("task", ["vqa", "snli_ve"])
+def test_retrieval_loss_is_meters_rank_softmax_over_one_true_and_n_false_texts() -> None:
+    """METER's ``compute_irtr``: every image is scored with each of its 1 + N texts by ``rank_output`` on the pair's
+    pooled features, one forward per pair; the loss is the cross-entropy of the softmax over them, the true text
+    (first) as class 0. Not the binary ITM head: it gets no gradient (METER freezes it)."""
+    model = tiny("retrieval")
+    with torch.no_grad():  # a rank_output unlike its start (the ITM head's match row)
+        model.rank_output.weight.normal_(0.0, 0.3)
+    model.train()
+    batch = model.dummy_batch(3, seed=4, false_texts=3)
+    assert batch["input_ids"].shape[:2] == (3, 4) and batch["labels"].tolist() == [0, 0, 0]
+    out = model(batch)
+    assert out.logits.shape == (3, 4)
+    for b in range(3):
+        for k in range(4):
+            pair = {"pixel_values": batch["pixel_values"][b:b + 1], "input_ids": batch["input_ids"][b, k:k + 1],
+                    "attention_mask": batch["attention_mask"][b, k:k + 1]}
+            torch.testing.assert_close(out.logits[b, k], model(pair).logits[0, 0], atol=1e-5, rtol=0)
+    scores = out.logits.detach().double().tolist()
+    expected = sum(math.log(sum(math.exp(s) for s in row)) - row[0] for row in scores) / 3
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5) and set(out.loss_parts) == {"task"}
+    out.loss.backward()
+    assert model.rank_output.weight.grad is not None and model.head[0].weight.grad is None
+    with pytest.raises(ValueError, match=r"\(B, K, T\) groups"):
+        model({**model.dummy_batch(3, with_labels=False), "labels": torch.zeros(3, dtype=torch.long)})
+
+
+def test_retrieval_groups_trim_each_pair_and_report_the_image_mean() -> None:
+    """Trimming works per image-text pair in a group (the visual trimmers read each pair's text); an image's keep
+    ratio is the mean of its pairs' (as NLVR2's two passes), and the trimmers get gradients from the rank loss."""
+    model = tiny("retrieval", trim=smarttrim.TrimConfig(vision_head_trim=True))
+    randomize_trimmers(model, seed=2, std=0.3)
+    batch = model.dummy_batch(2, seed=5, false_texts=2)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        for b in range(2):
+            pairs = {"pixel_values": batch["pixel_values"][b:b + 1].expand(3, -1, -1, -1),
+                     "input_ids": batch["input_ids"][b], "attention_mask": batch["attention_mask"][b]}
+            one = model(pairs)
+            torch.testing.assert_close(out.logits[b], one.logits[:, 0], atol=1e-5, rtol=0)
+            for g, v in one.keep_groups.items():
+                torch.testing.assert_close(out.keep_groups[g][b], v.mean(), atol=1e-6, rtol=0)
+    assert out.keep_groups["vision_tokens"].max() < 1, "the pairs are really trimmed"
+    model.train()
+    out = model(batch)
+    assert set(out.loss_parts) == {"task", "cost", "sd_task", "sd_kl", "sd"}
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.trimmers.parameters())
+
+
+@pytest.mark.parametrize("task", ["vqa", "snli_ve", "retrieval"])
 @pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
 def test_total_loss_is_eq_12(task: str, progress: float) -> None:
     trim = smarttrim.TrimConfig(lambda_cost=20.0, lambda_sd=1.0, vision_head_trim=True)

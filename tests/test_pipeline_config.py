@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import yaml
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.plan import build_plan, stage_key
+from pipeline.preflight import check_inputs, input_problems
 from pipeline.run import select
 from pipeline.sweep import pareto_front
 from smarttrim.data import shapes
@@ -60,6 +63,8 @@ targets: [{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_targ
     ("sweep: {space: {lr: {grid: [1, 2]}}}\n", [], r"sweep.space.lr: not searchable"),
     ("", ["tasks.0.data.source=vqa_v2"], r"data.root: required for source 'vqa_v2'"),
     ("trim: {tau: 0}\n", [], r"tau"),
+    ("", ["tasks.0.eval_split=dev"], r"tasks\[0\]: eval_split='dev': the shapes source has splits"),
+    ("", ["tasks.0.data.source=nocaps", "tasks.0.data.root=/x"], r"train_split: source 'nocaps' has no training"),
 ])
 def test_bad_configs_fail_naming_the_field(tmp_path: Path, extra: str, overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -169,3 +174,70 @@ def test_report_table_per_question_kind() -> None:
     assert "| attribute/color | 5 | 0.200 | 0.900 / 0.250 |  |" in lines, "kinds sorted; a model without it: empty"
     assert "| exists | 10 | 0.600 | 0.610 / 0.600 | 0.500 |" in lines
     assert _kind_table("t", "vqa_score", []) == []
+
+
+def test_task_splits_default_to_the_official_files_names(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, BASE), [
+        "tasks=[{name: a, data: {source: vqa_v2, task: vqa, root: /v}},"
+        " {name: b, data: {source: nlvr2, task: nlvr2, root: /n}},"
+        " {name: c, data: {source: snli_ve, task: snli_ve, root: /s}, eval_split: test},"
+        " {name: d, data: {source: karpathy_flickr30k, task: retrieval, root: /f}, train_split: val},"
+        " {name: e, data: {source: shapes, task: vqa}}]"])
+    got = [(t.train_split, t.eval_split, t.test_split) for t in cfg.tasks]
+    assert got == [("train2014", "val2014", None), ("train", "dev", "test1"), ("train", "test", "test"),
+                   ("val", "val", "test"), ("train", "val", None)]
+    plan = build_plan(cfg, tmp_path / "runs")
+    by_id = {s.id: s for s in plan}
+    assert by_id["finetune/a/backbone"].config.train_split == "train2014"
+    assert by_id["finetune/a/backbone"].config.val_split == "val2014"
+    assert by_id["evaluate/a/smarttrim-2x"].config.split == by_id["profile/a/backbone"].config.split == "val2014"
+    assert by_id["finetune/d/smarttrim-2x"].config.train_split == "val"
+    # official sources without a tokenizer train one on the task's training split; shapes has its built-in one
+    assert (by_id["shard/a"].config.tokenizer_split, by_id["shard/a"].config.tokenizer_vocab) == ("train2014", 512)
+    assert by_id["shard/e"].config.tokenizer_split is None
+
+
+def _vqa_files(root: Path, *splits: str) -> Path:
+    """The annotation files by which ``readers.splits_of`` finds VQA v2 splits (official names; content unread)."""
+    root.mkdir(parents=True)
+    for split in splits:
+        (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text("{}")
+    return root
+
+
+def test_preflight_names_every_missing_input_before_any_work(tmp_path: Path) -> None:
+    root = _vqa_files(tmp_path / "vqa", "train2014", "val2014", "test-dev2015")
+    good = load_config(_write(tmp_path, BASE), ["tasks.0.data.source=vqa_v2", f"tasks.0.data.root={root}",
+                                                "tasks.0.test_split=test-dev2015"])
+    assert input_problems(good) == []
+    bad = load_config(_write(tmp_path, BASE), [
+        f"tasks=[{{name: a, data: {{source: vqa_v2, task: vqa, root: {root}}}, train_split: train}},"
+        f" {{name: b, data: {{source: nlvr2, task: nlvr2, root: {tmp_path / 'none'}}}}},"
+        f" {{name: c, data: {{source: shapes, task: vqa, tokenizer: {tmp_path / 'tok'}}}}}]"])
+    problems = input_problems(bad)
+    assert problems == [
+        f"tasks[0].train_split='train': {root} has no vqa_v2 split 'train' (its annotation files give "
+        "['train2014', 'val2014', 'test-dev2015'])",
+        f"tasks[1].data.root: {tmp_path / 'none'}: no such directory",
+        f"tasks[2].data.tokenizer: {tmp_path / 'tok'}: no such directory"]
+    with pytest.raises(ValueError, match=r"3 problem\(s\)"):
+        check_inputs(bad)
+    # an official METER checkpoint reads RoBERTa's tokens: a task without a tokenizer is refused up front
+    ckpt = tmp_path / "meter.ckpt"
+    ckpt.write_bytes(b"")
+    meter = load_config(_write(tmp_path, BASE), ["tasks.0.data.source=vqa_v2", f"tasks.0.data.root={root}",
+                                                 f"model.pretrained={ckpt}"])
+    assert [p.split(":")[0] for p in input_problems(meter)] == ["tasks[0].data.tokenizer"]
+    missing = load_config(_write(tmp_path, BASE), [f"model.pretrained={tmp_path / 'gone.ckpt'}"])
+    assert input_problems(missing) == [f"model.pretrained: {tmp_path / 'gone.ckpt'}: no such file or directory"]
+
+
+def test_the_command_line_stops_on_bad_inputs_before_starting_ray(tmp_path: Path) -> None:
+    root = _vqa_files(tmp_path / "vqa", "train2014", "val2014")
+    config = _write(tmp_path, BASE)
+    out = subprocess.run([sys.executable, "-m", "pipeline.run", "all", "--config", str(config),
+                          f"runs_dir={tmp_path / 'runs'}", "tasks.0.data.source=vqa_v2", f"tasks.0.data.root={root}",
+                          "tasks.0.eval_split=val"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "tasks[0].eval_split='val'" in out.stderr and "['train2014', 'val2014']" in out.stderr
+    assert not (tmp_path / "runs").exists(), "nothing ran"

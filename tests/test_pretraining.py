@@ -175,6 +175,9 @@ def test_export_round_trips_and_starts_task_models(tmp_path: Path, captions: Pat
     with torch.no_grad():
         torch.testing.assert_close(back(batch).mlm_logits, model(batch).mlm_logits)
     assert smarttrim.load_model(out).config.task == "retrieval"  # the export is an ITM model as it is
+    itm = back.vlm.head[0]  # its retrieval score starts as METER's IRTR fine-tuning does: the ITM match row
+    assert torch.equal(back.vlm.rank_output.weight, itm.weight[1:]) and torch.equal(back.vlm.rank_output.bias,
+                                                                                   itm.bias[1:])
     ev = evaluate_pretraining(out, str(captions), "val", batch_size=16, threads=1)
     assert ev["samples"] == 32 and 0 <= ev["itm_accuracy"] <= 1 and ev["mlm_tokens"] > 0
 

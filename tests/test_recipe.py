@@ -42,6 +42,17 @@ def test_param_groups_follow_meter_multipliers_and_cover_every_parameter_once() 
                                            "trimmer/no_decay"]
 
 
+def test_retrieval_rank_output_learns_at_meters_base_rate() -> None:
+    """METER's ``set_schedule`` gives the head multiplier to its head names (``itm_score`` among them), not to
+    ``rank_output``: the retrieval score learns at the base rate."""
+    model = tiny("retrieval")
+    groups = param_groups(model, TrainConfig(lr=1e-4, lr_mult_head=5, weight_decay=0.01))
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    rank, bias, itm = model.rank_output.weight, model.rank_output.bias, model.head[0].weight
+    assert (by_id[id(rank)]["lr"], by_id[id(rank)]["weight_decay"]) == (pytest.approx(1e-4), 0.01)
+    assert by_id[id(bias)]["weight_decay"] == 0.0 and by_id[id(itm)]["lr"] == pytest.approx(5e-4)
+
+
 def test_schedule_warmup_and_decay_by_hand() -> None:
     f = lr_lambda(TrainConfig(warmup=0.1, schedule="linear"), total_steps=100)
     assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
@@ -78,6 +89,11 @@ def test_finetune_config_round_trips_and_fingerprints_what_is_trained(tmp_path: 
         apply_overrides(cfg.to_dict(), ["train.lrr=1"])
     with pytest.raises(ValueError, match="unknown fields"):
         FinetuneConfig.from_dict({**cfg.to_dict(), "epochz": 1})
+    assert cfg.false_texts == 15, "METER's draw_false_text of its IRTR fine-tuning"
+    fewer = FinetuneConfig.from_dict(apply_overrides(cfg.to_dict(), ["false_texts=3"]))
+    assert fewer.false_texts == 3 and fewer.fingerprint() != cfg.fingerprint()
+    with pytest.raises(ValueError, match="false_texts=0"):
+        FinetuneConfig(shards="s", out="o", false_texts=0)
 
 
 def test_deepspeed_configs_are_filled_from_the_training_config(tmp_path: Path) -> None:

@@ -139,6 +139,30 @@ def test_official_source_round_trip(tmp_path: Path) -> None:
     assert m["majority_baseline"]["score"]["train"] == pytest.approx(2 / 4)
 
 
+def test_official_source_without_a_tokenizer_trains_one_on_its_training_split(tmp_path: Path) -> None:
+    from conftest import bench_module
+
+    from smarttrim.data.tokenizer import load_tokenizer
+
+    oo = bench_module("one_object")  # VQA v2 files as the official release names them
+    root = tmp_path / "vqa_v2"
+    oo.write_split(root, "train2014", 6, seed=0)
+    oo.write_split(root, "val2014", 2, seed=0)
+    questions = json.loads((root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions["questions"][0]["question"] = "which zebra is it ?"  # words only the evaluation split has
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(questions))
+    m = run(ShardConfig(source="vqa_v2", root=str(root), out=str(tmp_path / "out"), vqa_min_count=1,
+                        tokenizer_vocab=64)).manifest
+    assert m["tokenizer"] == "tokenizer" and set(m["splits"]) == {"train2014", "val2014"}
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    vocab = tok.get_vocab()
+    assert len(vocab) <= 64 and {"color", "shape", "object"} <= set(vocab), "trained on train2014's questions"
+    assert "zebra" not in vocab, "no evaluation text in the tokenizer's corpus"
+    assert tok.unk_token_id not in tok("what color is the object ?")["input_ids"]
+    with pytest.raises(ValueError, match=r"tokenizer_split='train': not a split of .* \['train2014', 'val2014'\]"):
+        run(ShardConfig(source="vqa_v2", root=str(root), out=str(tmp_path / "o2"), tokenizer_split="train"))
+
+
 BAD_KINDS = {  # kind -> (file the error must name, field it must name)
     "truncated_image": ("200.jpg", "image"),
     "missing_image": ("200.jpg", "image"),

@@ -10,14 +10,16 @@ One pipeline for training and evaluation, correct under Ray Train / DDP:
 * training epochs are planned (``plan_epoch``): every (rank, worker) yields the same number of batches, so
   data-parallel ranks never wait on a rank that ran out, and a resumed run can skip exactly the batches it
   already trained on (``LoaderConfig.skip_batches``: raw samples are dropped after the shuffle, before
-  decoding). Random choices in collation (which caption, which ITM negative) are seeded by the samples'
-  keys, not by position, so a resumed epoch sees exactly the batches of an uninterrupted one;
+  decoding). Random choices in collation (which caption, which false texts or ITM negatives) are seeded by the
+  samples' keys, not by position, so a resumed epoch sees exactly the batches of an uninterrupted one;
 * images are decoded, resized to the model's input size (bicubic) and normalized with CLIP's mean and std;
   texts are tokenized per batch with a transformers fast tokenizer (padding to the longest, truncation).
 
 Batches are dicts: ``pixel_values`` (B, 3, H, W) (NLVR2: (B, 2, 3, H, W)), ``input_ids``, ``attention_mask``
-(B, T), ``labels`` (VQA: (B, num_labels) soft scores; NLVR2 / SNLI-VE / ITM: (B,) class ids) and ``keys``
-(the samples' keys, for per-instance outputs).
+(B, T), ``labels`` (VQA: (B, num_labels) soft scores; NLVR2 / SNLI-VE: (B,) class ids) and ``keys`` (the
+samples' keys, for per-instance outputs). Retrieval with ``LoaderConfig.false_texts`` = N > 0 (METER's IRTR
+training): ``input_ids`` / ``attention_mask`` (B, 1 + N, T), each image's true caption then N false ones, and
+``labels`` (B,) zeros (the true text's index); with N = 0 one true caption per image and no labels.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ class LoaderConfig:
     (``caption`` / ``retrieval``), see ``Collate``."""
     mlm_probability: float = 0.15
     """``pretrain``: share of a caption's (non-special) tokens masked for MLM (at least one per caption)."""
+    false_texts: int = 0
+    """Retrieval ``task`` batches: false texts per image (METER's ``draw_false_text``; its IRTR fine-tuning
+    draws 15), so each image comes with 1 + N texts for the rank loss (``Collate``); 0 = one true caption per
+    image, no labels (what evaluation and profiling read). Other tasks ignore it."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -84,7 +90,7 @@ class LoaderConfig:
         for name in ("batch_size", "image_size", "max_text_len", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        for name in ("num_workers", "skip_batches"):
+        for name in ("num_workers", "skip_batches", "false_texts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
         if self.batches_per_worker is not None and self.batches_per_worker < 0:
@@ -260,10 +266,10 @@ class Collate:
     the same batch whichever worker collates them and however many batches came before (exact resume)."""
 
     def __init__(self, task: str, tokenizer: Any, num_labels: int, max_text_len: int, train: bool,
-                 seed: str, objective: str = "task", mlm_probability: float = 0.15) -> None:
+                 seed: str, objective: str = "task", mlm_probability: float = 0.15, false_texts: int = 0) -> None:
         self.task, self.tokenizer, self.num_labels = task, tokenizer, num_labels
         self.max_text_len, self.train, self.seed = max_text_len, train, seed
-        self.objective, self.mlm_probability = objective, mlm_probability
+        self.objective, self.mlm_probability, self.false_texts = objective, mlm_probability, false_texts
 
     def _rng(self, *parts: str) -> random.Random:
         return random.Random(":".join((self.seed, *parts)))
@@ -339,7 +345,7 @@ class Collate:
         batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixels"] for s in samples]),
                                  "keys": [s["key"] for s in samples],
                                  "meta": [s["info"].get("meta", {}) for s in samples]}
-        if self.task == "vqa":
+        if self.task == "vqa" and any(s["info"].get("answers") for s in samples):  # none: hidden (test) answers
             labels = torch.zeros(len(samples), self.num_labels)
             for row, s in enumerate(samples):
                 for label, score in s["info"].get("scores", {}).items():
@@ -347,20 +353,32 @@ class Collate:
             batch["labels"] = labels
         elif self.task in ("nlvr2", "snli_ve") and all("label_id" in s["info"] for s in samples):
             batch["labels"] = torch.tensor([s["info"]["label_id"] for s in samples])
-        elif self.task == "retrieval" and len(samples) > 1:  # ITM: half the pairs get another image's text
-            labels, rng = [], self._rng(*(s["key"] for s in samples), "itm")
-            for i in range(len(samples)):
-                if rng.random() < 0.5:
-                    j = rng.choice([k for k in range(len(samples)) if k != i])
-                    texts[i] = samples[j]["info"]["texts"][0]
-                    labels.append(0)
-                else:
-                    labels.append(1)
-            batch["labels"] = torch.tensor(labels)
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                             return_tensors="pt")
-        batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        group = 1
+        if self.task == "retrieval" and self.false_texts:  # METER's IRTR: the true text, then N false ones
+            texts = [t for s, true in zip(samples, texts, strict=True) for t in (true, *self._false_texts(s, samples))]
+            group = 1 + self.false_texts
+            batch["labels"] = torch.zeros(len(samples), dtype=torch.long)
+        ids, mask = self._encode(texts)
+        if group > 1:
+            ids, mask = ids.view(len(samples), group, -1), mask.view(len(samples), group, -1)  # (B, 1 + N, T)
+        batch["input_ids"], batch["attention_mask"] = ids, mask
         return batch
+
+    def _false_texts(self, sample: dict[str, Any], samples: list[dict[str, Any]]) -> list[str]:
+        """``false_texts`` captions for ``sample``'s image, drawn from the captions of the batch's other images that
+        are not also one of its own (the built-in captions repeat across images). METER draws them from the whole
+        training set; a shuffled batch is a random sample of it, and drawing from it keeps every choice a function
+        of the batch's samples (exact resume). Without replacement when the batch has enough, else with."""
+        own = {t.lower() for t in sample["info"]["texts"]}
+        pool = list(dict.fromkeys(t for other in samples if other is not sample for t in other["info"]["texts"]
+                                  if t.lower() not in own))
+        if not pool:
+            raise ValueError(f"retrieval sample {sample['key']}: no false text among the captions of the batch's "
+                             f"{len(samples) - 1} other images (false texts are drawn from the batch: batch_size must "
+                             "be >= 2)")
+        rng = self._rng(sample["key"], "false_texts")
+        drawn = rng.sample(pool, min(len(pool), self.false_texts))
+        return drawn + rng.choices(pool, k=self.false_texts - len(drawn))
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
@@ -405,7 +423,7 @@ def make_loader(shards: str | Path, split: str, tokenizer: Any, cfg: LoaderConfi
                          f"on (one of {PRETRAIN_TASKS})")
     collate = Collate(task, tokenizer, max(1, len(manifest["labels"])), cfg.max_text_len, cfg.train,
                       seed=f"{cfg.seed}:{cfg.epoch}:{rank}", objective=cfg.objective,
-                      mlm_probability=cfg.mlm_probability)
+                      mlm_probability=cfg.mlm_probability, false_texts=cfg.false_texts)
     pipeline = wds.DataPipeline(
         _ShardList(urls, cfg),
         wds.tarfile_to_samples(),
