@@ -150,13 +150,13 @@ def finetune_config(cfg: PipelineConfig, task: TaskConfig | None, shards: str, t
 
 def _shard(cfg: PipelineConfig, data: DataConfig, sid: str, label: str, root: Path, tokenizer: str | None,
            deps: tuple[str, ...], meta: dict[str, Any], train_split: str) -> Stage:
-    official = data.source != "shapes" and not (data.tokenizer or tokenizer)  # trains its tokenizer
+    trains_tokenizer = data.source != "shapes" and not (data.tokenizer or tokenizer)
     shard = ShardConfig(
         source=data.source, task=data.task, root=data.root, out="", shard_size=data.shard_size,
         on_error=data.on_error, shapes_sizes=data.shapes_sizes, tokenizer=data.tokenizer or tokenizer,
         shapes_image_size=data.shapes_image_size or model_image_size(cfg),
-        tokenizer_split=train_split if official else None,
-        tokenizer_vocab=model_vocab_size(cfg) if official else None)
+        tokenizer_split=train_split if trains_tokenizer else None,
+        tokenizer_vocab=model_vocab_size(cfg) if trains_tokenizer else None)
     extra = {"generator": shapes.GENERATOR_VERSION} if data.source == "shapes" else None  # new samples, new key
     return Stage(sid, "shard", _placed("shard", label, shard, root, extra), deps, meta)
 

@@ -26,7 +26,7 @@ def input_problems(cfg: PipelineConfig, tasks: bool = True) -> list[str]:
     meter_file = pretrained is not None and Path(pretrained).is_file()  # an official METER .ckpt (ours: directories)
     sections: list[tuple[str, DataConfig, tuple[tuple[str, str | None], ...]]] = []
     if cfg.pretrain is not None and (pretrained is None or not tasks):
-        sections.append(("pretrain", cfg.pretrain.data, (("data", PRETRAIN_TRAIN_SPLIT),
+        sections.append(("pretrain", cfg.pretrain.data, (("train split", PRETRAIN_TRAIN_SPLIT),
                                                          ("val_split", cfg.pretrain.val_split))))
     if tasks:
         sections += [(f"tasks[{i}]", t.data, (("train_split", t.train_split), ("eval_split", t.eval_split),

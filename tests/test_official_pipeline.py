@@ -21,12 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 CONFIG = """
-name: official-vqa
+name: official
 model: {{preset: meter-tiny}}
 tasks:
-  - name: vqa
-    data: {{source: vqa_v2, task: vqa, root: {root}, shard_size: 40}}
-    test_split: test-dev2015
+  - name: {name}
+    data: {{source: {source}, task: {task}, root: {root}, shard_size: 40}}
     backbone: {{max_steps: 6, batch_size: 16, log_every: 3}}
     smarttrim: {{max_steps: 6, batch_size: 16, log_every: 3}}
 targets: [{{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4}}]
@@ -35,6 +34,18 @@ compute: {{checkpoint_every: 6}}
 profile: {{instances: 4, batch_size: 4, cpus: 1}}
 runs_dir: {runs}
 """
+"""A config that names a task's source and root only (the test overrides add what a test needs)."""
+
+
+def _run_all(tmp_path: Path, name: str, source: str, task: str, root: Path, *overrides: str) -> Path:
+    """``pipeline.run all`` on ``CONFIG`` in a fresh process; returns the run directory."""
+    config = tmp_path / "official.yaml"
+    config.write_text(CONFIG.format(name=name, source=source, task=task, root=root, runs=tmp_path / "runs"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run([sys.executable, "-m", "pipeline.run", "all", "--config", str(config), *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return tmp_path / "runs" / "official"
 
 
 def test_vqa_v2_runs_end_to_end_from_its_root_alone(tmp_path: Path) -> None:
@@ -48,14 +59,7 @@ def test_vqa_v2_runs_end_to_end_from_its_root_alone(tmp_path: Path) -> None:
     for image in (root / "test-dev2015").iterdir():
         image.rename(root / "test2015" / image.name.replace("test-dev2015", "test2015"))
     (root / "test-dev2015").rmdir()
-    config = tmp_path / "official.yaml"
-    config.write_text(CONFIG.format(root=root, runs=tmp_path / "runs"))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    done = subprocess.run([sys.executable, "-m", "pipeline.run", "all", "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    run_dir = tmp_path / "runs" / "official-vqa"
+    run_dir = _run_all(tmp_path, "vqa", "vqa_v2", "vqa", root, "tasks.0.test_split=test-dev2015")
     entries = {e["name"]: e for e in json.loads((run_dir / "results.json").read_text())["results"]}
     assert set(entries) == {"vqa/backbone", "vqa/smarttrim-2x", "vqa/majority", "vqa/text_only"}
     # the baselines recomputed from the fixture's files: fitted on train2014, scored on val2014 (10 identical
@@ -105,33 +109,10 @@ def test_vqa_v2_runs_end_to_end_from_its_root_alone(tmp_path: Path) -> None:
     assert "held-out test split (test-dev2015)" in (run_dir / "report.md").read_text()
 
 
-TWO_SPLIT = """
-name: official
-model: {{preset: meter-tiny}}
-tasks:
-  - name: t
-    data: {{source: {source}, task: {task}, root: {root}, shard_size: 40}}
-    backbone: {{max_steps: 4, batch_size: 8, log_every: 2}}
-    smarttrim: {{max_steps: 4, batch_size: 8, log_every: 2}}
-targets: [{{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4}}]
-trim: {{vision_token_layers: null}}
-compute: {{checkpoint_every: 4}}
-profile: {{instances: 4, batch_size: 4, cpus: 1}}
-runs_dir: {runs}
-"""
-
-
 def test_flickr30k_retrieval_runs_end_to_end_as_meter_trains_and_scores_it(tmp_path: Path) -> None:
     root = tmp_path / "flickr30k"
     captions = write_flickr30k(root, {"train": 16, "val": 5, "test": 4}, captions=2)
-    config = tmp_path / "official.yaml"
-    config.write_text(TWO_SPLIT.format(source="karpathy_flickr30k", task="retrieval", root=root,
-                                       runs=tmp_path / "runs") + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    done = subprocess.run([sys.executable, "-m", "pipeline.run", "all", "--config", str(config),
-                           "tasks.0.false_texts=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "official"
+    run_dir = _run_all(tmp_path, "t", "karpathy_flickr30k", "retrieval", root, "tasks.0.false_texts=3")
     entries = {e["name"]: e for e in json.loads((run_dir / "results.json").read_text())["results"]}
     assert set(entries) == {"t/backbone", "t/smarttrim-2x"}, "retrieval has no answer priors"
     finetunes = [json.loads(p.read_text()) for p in (run_dir / "finetune").glob("*.done.json")]
