@@ -10,6 +10,8 @@ follows the job's logs and exits with the job's final status:
   0 SUCCEEDED, 1 FAILED, 2 STOPPED, 3 not submitted / status unknown (authentication refused, cluster
   unreachable, bad token file), 4 still running (log following interrupted; the job goes on).
 
+The pipeline's config and overrides are validated here first (an unknown key, a wrong type, an override path
+that does not exist: exit 3, nothing submitted); paths in it are the cluster's and are checked there.
 --entrypoint replaces the whole command (key=value arguments are appended to it). The working directory is
 uploaded (Ray skips .gitignore'd files) and becomes the job's current directory on the cluster.
 
@@ -20,7 +22,8 @@ Token: --token-file (sets RAY_AUTH_TOKEN_PATH), else Ray's own lookup: $RAY_AUTH
 
 Examples:
   python cluster/submit.py --config pipeline/configs/quickstart.yaml
-  python cluster/submit.py --address http://127.0.0.1:8265 --config pipeline/configs/paper.yaml train.max_steps=100
+  python cluster/submit.py --address http://127.0.0.1:8265 --config pipeline/configs/paper.yaml \
+      tasks.1.backbone.max_steps=100
   python cluster/submit.py --entrypoint "python -m stages.shard --source shapes --task vqa --out data/shapes-vqa"
 """
 
@@ -126,15 +129,60 @@ def job_status(address: str, submission_id: str, env: dict[str, str]) -> str | N
         return None
 
 
+def git_env(root: Path) -> dict[str, str]:
+    """The commit of the checkout being submitted (the uploaded working directory has no ``.git``): the pipeline tags
+    its MLflow runs with it (``pipeline.tracking.git_tags``)."""
+    def git(*a: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = git("status", "--porcelain")
+    return {"SMARTTRIM_GIT_COMMIT": commit, "SMARTTRIM_GIT_DIRTY": "unknown" if status is None else
+            "true" if status else "false"}
+
+
+def runtime_env(args: argparse.Namespace) -> dict:
+    """The job's runtime_env: ``--runtime-env-json`` with the submitted commit added to its ``env_vars``."""
+    env = json.loads(args.runtime_env_json) if args.runtime_env_json else {}
+    env["env_vars"] = {**git_env(Path(args.working_dir)), **(env.get("env_vars") or {})}
+    return env
+
+
+def config_problem(args: argparse.Namespace) -> str | None:
+    """Why the pipeline's config with its overrides does not load (None: it does), checked before submitting."""
+    if args.entrypoint:
+        return None
+    sys.path.insert(0, str(Path(args.working_dir).resolve()))
+    try:
+        from pipeline.config import load_config
+    except ImportError as err:  # not the repository root: the cluster will say
+        print(f"warning: config not checked before submitting ({err})", file=sys.stderr)
+        return None
+    try:
+        load_config(Path(args.working_dir) / args.config, list(args.overrides))
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = config_problem(args)
+    if problem:
+        print(f"error: {problem} (nothing submitted)", file=sys.stderr)
+        return EXIT_NOT_SUBMITTED
     address = resolve_address(args)
     submission_id = args.submission_id or f"smarttrim-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-" \
                                           f"{uuid.uuid4().hex[:6]}"
     cmd = [_auth.ray_executable(), "job", "submit", "--address", address, "--submission-id", submission_id,
            "--working-dir", args.working_dir]
-    if args.runtime_env_json:
-        cmd += ["--runtime-env-json", args.runtime_env_json]
+    cmd += ["--runtime-env-json", json.dumps(runtime_env(args))]
     if args.entrypoint_num_cpus is not None:
         cmd += ["--entrypoint-num-cpus", str(args.entrypoint_num_cpus)]
     if args.entrypoint_num_gpus is not None:

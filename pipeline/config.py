@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
-from smarttrim.config import TrimConfig
+from pipeline.storage import resolve_runs_dir, runs_dir_problem
+from smarttrim.config import PRESETS, TrimConfig
 from smarttrim.data.shapes import SHAPES_SPLITS
 from smarttrim.training import TrainConfig
-from stages.common import apply_overrides
+from stages.common import apply_overrides, load_yaml
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_stable_init": {"stable_init": False},
@@ -144,6 +145,12 @@ class ModelSection:
     image_size: int | None = None
     """Input resolution (None = the preset's: 288 for meter-base as in the paper, 32 for meter-tiny)."""
 
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: unknown; known presets are {sorted(PRESETS)}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size={self.image_size!r}: must be >= 1 or None")
+
 
 @dataclass(frozen=True)
 class ComputeConfig:
@@ -157,6 +164,26 @@ class ComputeConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 2
+    """Worker-group failures a fine-tuning recovers from (a lost node, a killed worker), each from its latest
+    checkpoint; errors of the inputs are refused before Ray Train starts (``stages.finetune``)."""
+    storage: str | None = None
+    """Ray Train's checkpoint storage for every fine-tuning: a path every node mounts or a URI (``s3://bucket/prefix``,
+    ``gs://...``, ``file:///...``), each run under ``<storage>/<run name>``; None = ``<out>.ray`` in the run
+    directory (on a cluster: on its shared mount)."""
+
+    def __post_init__(self) -> None:
+        if self.storage is not None and "://" in self.storage:
+            scheme = self.storage.split("://", 1)[0]
+            if not scheme.isalnum():
+                raise ValueError(f"compute.storage={self.storage!r}: not a URI (scheme://path)")
+
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
+
+
+def _check_device(section: str, device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"{section}.device={device!r}: must be one of {DEVICES}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +191,11 @@ class EvaluateSection:
     batch_size: int = 64
     rerank_k: int | None = None
     threads: int = 1
+    device: str = "cpu"
+    """``cpu``, ``cuda`` (the task reserves one GPU of the cluster) or ``auto`` (a GPU when the cluster has one)."""
+
+    def __post_init__(self) -> None:
+        _check_device("evaluate", self.device)
 
 
 @dataclass(frozen=True)
@@ -173,6 +205,11 @@ class ProfileSection:
     threads: int = 1
     cpus: int = 1
     """CPUs the profiling task reserves (all of a node's for undisturbed latency figures)."""
+    device: str = "cpu"
+    """``cpu``, ``cuda`` (one GPU reserved: latency on the accelerator, CUDA-synchronised) or ``auto``."""
+
+    def __post_init__(self) -> None:
+        _check_device("profile", self.device)
 
 
 @dataclass(frozen=True)
@@ -283,6 +320,9 @@ class PipelineConfig:
     profile: ProfileSection = field(default_factory=ProfileSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     runs_dir: str = "runs"
+    """Where results go: ``<runs_dir>/<name>/``. An absolute path or ``file://`` URI; a relative one is resolved
+    on the driver under ``$SMARTTRIM_RUNS_ROOT`` (the cluster's shared mount) or the working directory. On a
+    multi-node cluster it must be storage every node mounts (``pipeline.storage``)."""
     mlflow_experiment: str = "smarttrim"
 
     def __post_init__(self) -> None:
@@ -302,12 +342,16 @@ class PipelineConfig:
         tasks = [t.name for t in self.tasks]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks: duplicate names {tasks}")
+        problem = runs_dir_problem(self.runs_dir)
+        if problem:
+            raise ValueError(f"runs_dir={self.runs_dir!r}: {problem}")
         if self.sweep.task is not None and self.sweep.task not in tasks:
             raise ValueError(f"sweep.task={self.sweep.task!r}: not a task name ({tasks})")
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
+        """``<runs_dir>/<name>`` as an absolute path (``pipeline.storage.resolve_runs_dir``)."""
+        return resolve_runs_dir(self.runs_dir) / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -370,7 +414,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: invalid YAML ({err})") from err
     if not isinstance(data, dict):
@@ -381,7 +425,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ValueError(f"{path}: {err}") from err
 
 
-__all__ = ["ABLATIONS", "BASELINES", "DEFAULT_SPLITS", "SMARTTRIM_STARTS", "AblationSection", "BaselineSection",
-           "ComputeConfig",
+__all__ = ["ABLATIONS", "BASELINES", "DEFAULT_SPLITS", "DEVICES", "SMARTTRIM_STARTS", "AblationSection",
+           "BaselineSection", "ComputeConfig",
            "DataConfig", "EvaluateSection", "ModelSection", "PipelineConfig", "PretrainSection", "ProfileSection",
            "SweepSection", "TargetConfig", "TaskConfig", "build", "load_config"]

@@ -145,7 +145,7 @@ def finetune_config(cfg: PipelineConfig, task: TaskConfig | None, shards: str, t
         val_split=val_split, false_texts=false_texts,
         val_samples=val_samples, num_workers=workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
         threads=c.threads, deepspeed=c.deepspeed, checkpoint_every=every, keep_checkpoints=c.keep_checkpoints,
-        max_failures=c.max_failures)
+        max_failures=c.max_failures, storage=c.storage)
 
 
 def _shard(cfg: PipelineConfig, data: DataConfig, sid: str, label: str, root: Path, tokenizer: str | None,
@@ -230,10 +230,10 @@ def measure_stages(cfg: PipelineConfig, task: TaskConfig, shard: Stage, model: S
     e, p = cfg.evaluate, cfg.profile
     ev = _placed("evaluate", f"{task.name}-{name}", EvaluateConfig(
         model=model_dir, shards=shards, out="", split=task.eval_split, threads=e.threads, batch_size=e.batch_size,
-        rerank_k=e.rerank_k), root)
+        rerank_k=e.rerank_k, device=e.device), root)
     pr = _placed("profile", f"{task.name}-{name}", ProfileConfig(
         model=model_dir, shards=shards, out="", split=task.eval_split, threads=p.threads, instances=p.instances,
-        batch_size=p.batch_size), root)
+        batch_size=p.batch_size, device=p.device), root)
     deps = (shard.id, model.id)
     stages = [Stage(f"evaluate/{task.name}/{name}", "evaluate", ev, deps, model.meta),
               Stage(f"profile/{task.name}/{name}", "profile", pr, deps, model.meta)]
@@ -244,6 +244,30 @@ def measure_stages(cfg: PipelineConfig, task: TaskConfig, shard: Stage, model: S
     return stages
 
 
-__all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "finetune_config", "measure_stages", "model_image_size",
-           "model_tokenizer", "model_vocab_size", "pretrain_stages", "pretrained_identity", "smarttrim_trim",
-           "stage_key"]
+def downstream(stages: list[Stage], ids: set[str]) -> set[str]:
+    """``ids`` and every stage that depends on one of them, directly or not."""
+    out = set(ids)
+    for stage in stages:  # dependencies come before dependents in a plan
+        if any(d in out for d in stage.deps):
+            out.add(stage.id)
+    return out
+
+
+def forced(stages: list[Stage], force: list[str] | tuple[str, ...]) -> set[str]:
+    """The stages ``--force`` recomputes: each named stage (by id, or every stage of a kind) and everything
+    downstream of it (an evaluation is older than weights retrained after it). An item that names no stage of
+    ``stages`` is an error listing the kinds and ids."""
+    ids = {s.id for s in stages}
+    kinds = sorted({s.kind for s in stages} | {s.id.split("/", 1)[0] for s in stages})
+    unknown = [f for f in force if f not in ids and f not in kinds]
+    if unknown:
+        listing = "\n  ".join(s.id for s in stages)
+        raise ValueError(f"--force {unknown[0]!r}: not a stage kind ({', '.join(kinds)}) or id of this plan; the ids "
+                         f"are:\n  {listing}")
+    named = {s.id for s in stages if s.id in force or s.kind in force or s.id.split("/", 1)[0] in force}
+    return downstream(stages, named)
+
+
+__all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "downstream", "finetune_config", "forced", "measure_stages",
+           "model_image_size", "model_tokenizer", "model_vocab_size", "pretrain_stages", "pretrained_identity",
+           "smarttrim_trim", "stage_key"]

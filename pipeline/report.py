@@ -1,8 +1,10 @@
 """The pipeline's report: ``results.json`` (one entry per trained model, plus each task's answer priors),
-``report.md`` (the paper-style tables) and ``pareto.png`` (task metric against GFLOPs).
+``report.md`` (the paper-style tables) and ``pareto.png`` (task metric against MMACs).
 
-GFLOPs follow the paper's (torchprofile's) convention: multiply-accumulates of one unpadded instance on the
-inference path, averaged over the profiled subset. ``flops_ratio`` is relative to the backbone of the same
+FLOPs follow the paper's (torchprofile's) convention: multiply-accumulates (MACs) of one unpadded instance on the
+inference path, averaged over the profiled subset. The tables, the plot and MLflow (``mmacs``) give them in millions,
+MMACs (the paper's "GFLOPs" x 1000), with four significant digits: the tiny models' GFLOPs would all read 0.003;
+``results.json`` has both ``mmacs_mean`` and ``gflops_mean``. ``flops_ratio`` is relative to the backbone of the same
 task on the same instances; the FLOPs reduction in the tables is its inverse. Speedups are the profile
 stage's side-by-side ratios: each model timed interleaved with its own untrimmed backbone (same weights,
 instances and threads), never two absolute times from different runs. Every number sits next to what it
@@ -14,6 +16,7 @@ objects the text names (does the text guide the trimming?).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ def model_entry(meta: dict[str, Any], evaluation: dict[str, Any], profile: dict[
         "permuted_metric": permuted.get("metric"), "permuted_changed": permuted.get("changed"),
         "focus": {k: focus[k] for k in ("precision", "chance", "lift", "recall", "kept_patches") if k in focus}
         or None,
-        "gflops_mean": flops["mean"] / 1e9, "flops_ratio": None,
+        "mmacs_mean": flops["mean"] / 1e6, "gflops_mean": flops["mean"] / 1e9, "flops_ratio": None,
         "latency_ms_bs1": profile["latency_ms_bs1"]["median"],
         "throughput": profile["throughput"]["instances_per_s"],
         "speedup": {k: speedup[k] for k in ("latency_bs1", "throughput", "flops", "latency_efficiency",
@@ -60,7 +63,8 @@ def prior_entries(task: str, shard_summary: dict[str, Any], split: str, metric_n
         score = ((shard_summary.get(key) or {}).get("score") or {}).get(split)
         if score is not None:
             out.append({"name": f"{task}/{name}", "kind": "prior", "task": task, "target": None, "start": None,
-                        "metric_name": metric_name, "metric": score, "gflops_mean": None, "flops_ratio": None,
+                        "metric_name": metric_name, "metric": score, "mmacs_mean": None, "gflops_mean": None,
+                        "flops_ratio": None,
                         "latency_ms_bs1": None, "throughput": None, "speedup": None, "keep": {},
                         "permuted_metric": None, "permuted_changed": None, "focus": None, "by_kind": None,
                         "model_dir": None, "mlflow_run_id": None})
@@ -85,6 +89,15 @@ def finalize(entries: list[dict[str, Any]], priors: list[dict[str, Any]]) -> dic
 
 def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
+
+
+def significant(v: float | None, digits: int = 4) -> str:
+    """``v`` with ``digits`` significant digits and no exponent (3.012, 48.31, 51234); "" for None."""
+    if v is None:
+        return ""
+    if v == 0 or not math.isfinite(v):
+        return str(v)
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}"
 
 
 def _keep(keep: dict[str, float]) -> str:
@@ -150,8 +163,9 @@ def markdown(report: dict[str, Any], title: str) -> str:
     """The paper-style tables: main results per task (with the answer priors and the two sanity checks), the
     text guidance of the trimming (cross-modal vs local trimmer), then the ablations (Table 6)."""
     lines = [f"# {title}", "",
-             "GFLOPs: torchprofile MACs of one unpadded instance on the inference path, mean over the profiled "
-             "subset; reduction = backbone GFLOPs / model GFLOPs. Speedups: the model timed interleaved with its own "
+             "MMACs: millions of torchprofile multiply-accumulates of one unpadded instance on the inference path "
+             "(the paper's GFLOPs x 1000), mean over the profiled subset; reduction = backbone MMACs / model MMACs. "
+             "Speedups: the model timed interleaved with its own "
              "untrimmed backbone (same weights, instances, threads): bs1 = mean single-instance latency ratio, "
              "batched = throughput ratio. Permuted: the metric when each text gets another instance's image, and the "
              "share of predictions that change. Keep: eval-mode keep ratio of visual tokens / text tokens / heads.",
@@ -161,7 +175,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
         metric = rows[0]["metric_name"]
         start = _start_line(rows)
         lines += [f"## {task}: main results", ""] + ([start, ""] if start else []) + [
-            f"| model | {metric} | GFLOPs | reduction | bs1 speedup | batched speedup | keep v / t / h | "
+            f"| model | {metric} | MMACs | reduction | bs1 speedup | batched speedup | keep v / t / h | "
             f"permuted {metric} (changed) |", "|---|---|---|---|---|---|---|---|"]
         for e in rows:
             if e["kind"] == "ablation":
@@ -170,7 +184,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
             red = _x(1 / e["flops_ratio"]) if e["flops_ratio"] else ""
             permuted = "" if e.get("permuted_metric") is None else \
                 f"{e['permuted_metric']:.4f} ({e['permuted_changed']:.0%})"
-            lines.append(f"| {_short(e)} | {e['metric']:.4f} | {_fmt(e['gflops_mean'], '.4f')} | {red} | "
+            lines.append(f"| {_short(e)} | {e['metric']:.4f} | {significant(e['mmacs_mean'])} | {red} | "
                          f"{_x(sp.get('latency_bs1'))} | {_x(sp.get('throughput'))} | "
                          f"{_keep(e['keep']) if e['kind'] != 'prior' else ''} | {permuted} |")
         focused = [e for e in rows if e.get("focus") and e["kind"] in ("smarttrim", "baseline", "backbone")]
@@ -199,18 +213,18 @@ def markdown(report: dict[str, Any], title: str) -> str:
         if ablations:
             ref = next((e for e in rows if e["kind"] == "smarttrim" and e["target"] == ablations[0]["target"]), None)
             lines += ["", f"## {task}: ablations at target {ablations[0]['target']} (Table 6)", "",
-                      f"| variant | {metric} | Δ vs SmartTrim | GFLOPs | reduction |", "|---|---|---|---|---|"]
+                      f"| variant | {metric} | Δ vs SmartTrim | MMACs | reduction |", "|---|---|---|---|---|"]
             for e in ([ref] if ref else []) + ablations:
                 delta = "" if ref is None or e is ref else f"{e['metric'] - ref['metric']:+.4f}"
                 red = _x(1 / e["flops_ratio"]) if e["flops_ratio"] else ""
-                lines.append(f"| {_short(e)} | {e['metric']:.4f} | {delta} | {e['gflops_mean']:.4f} | {red} |")
+                lines.append(f"| {_short(e)} | {e['metric']:.4f} | {delta} | {significant(e['mmacs_mean'])} | {red} |")
         lines.append("")
     lines += ["![Pareto front](pareto.png)", ""]
     return "\n".join(lines)
 
 
 def pareto_png(report: dict[str, Any], path: Path) -> None:
-    """Task metric against mean GFLOPs per task: backbone, SmartTrim targets (a line), baselines, ablations and the
+    """Task metric against mean MMACs per task: backbone, SmartTrim targets (a line), baselines, ablations and the
     answer priors (horizontal lines)."""
     import matplotlib
 
@@ -221,22 +235,22 @@ def pareto_png(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         rows = [e for e in report["results"] if e["task"] == task]
-        smart = sorted((e for e in rows if e["kind"] == "smarttrim"), key=lambda e: e["gflops_mean"])
+        smart = sorted((e for e in rows if e["kind"] == "smarttrim"), key=lambda e: e["mmacs_mean"])
         if smart:
-            ax.plot([e["gflops_mean"] for e in smart], [e["metric"] for e in smart], "o-", label="SmartTrim")
+            ax.plot([e["mmacs_mean"] for e in smart], [e["metric"] for e in smart], "o-", label="SmartTrim")
             for e in smart:
-                ax.annotate(e["target"], (e["gflops_mean"], e["metric"]), fontsize=8, xytext=(3, 3),
+                ax.annotate(e["target"], (e["mmacs_mean"], e["metric"]), fontsize=8, xytext=(3, 3),
                             textcoords="offset points")
         for e in rows:
             if e["kind"] == "backbone":
-                ax.plot(e["gflops_mean"], e["metric"], "k*", markersize=12, label="backbone")
+                ax.plot(e["mmacs_mean"], e["metric"], "k*", markersize=12, label="backbone")
             elif e["kind"] in ("ablation", "baseline"):
-                ax.plot(e["gflops_mean"], e["metric"], "x" if e["kind"] == "ablation" else "s",
+                ax.plot(e["mmacs_mean"], e["metric"], "x" if e["kind"] == "ablation" else "s",
                         label=_short(e))
             elif e["kind"] == "prior":
                 ax.axhline(e["metric"], color="gray", linestyle=":" if "majority" in e["name"] else "--",
                            label=_short(e))
-        ax.set(title=task, xlabel="GFLOPs per instance (mean)", ylabel=rows[0]["metric_name"])
+        ax.set(title=task, xlabel="MMACs per instance (mean)", ylabel=rows[0]["metric_name"])
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
@@ -252,4 +266,4 @@ def write_report(run_dir: Path, report: dict[str, Any], title: str) -> None:
 
 
 __all__ = ["KIND_ORDER", "PRIORS", "finalize", "markdown", "model_entry", "pareto_png", "prior_entries",
-           "write_report"]
+           "significant", "write_report"]

@@ -4,16 +4,19 @@ evaluation -> profiling -> report, as a Ray DAG with cached, resumable stages an
     python -m pipeline.run all --config pipeline/configs/quickstart.yaml [key=value ...] [--force KIND|ID]
     ray job submit --working-dir . -- python -m pipeline.run all --config pipeline/configs/quickstart.yaml
 
-Commands: ``shard``, ``finetune`` (backbone and SmartTrim targets), ``ablate``, ``evaluate``, ``profile``
-(each with the stages it depends on), ``all`` (everything, then the report), ``report`` (from finished
-stages only), ``sweep`` (Ray Tune over targets and loss weights, see ``pipeline.sweep``), ``pretrain``
-(shard the ``pretrain`` section's caption data, pre-train with METER's MLM + ITM objectives, and copy the
-export to ``pretrain.publish`` with a ``PRETRAINING.json`` record: how the shipped checkpoint is made).
+Commands: ``plan`` (print every stage with its id and state, cached / run / rerun, and what ``--force``
+would recompute; runs nothing), ``shard``, ``finetune`` (backbone and SmartTrim targets), ``ablate``,
+``evaluate``, ``profile`` (each with the stages it depends on), ``all`` (everything, then the report), ``report``
+(from finished stages only), ``sweep`` (Ray Tune over targets and loss weights, see ``pipeline.sweep``),
+``pretrain`` (shard the ``pretrain`` section's caption data, pre-train with METER's MLM + ITM objectives, and
+copy the export to ``pretrain.publish`` with a ``PRETRAINING.json`` record: how the shipped checkpoint is made).
 
-Connects to the cluster ``RAY_ADDRESS`` names, else starts a local Ray instance (only when some stage has
-to run). Every stage writes a content-addressed directory under ``runs/<name>/`` and a marker when done: a
-rerun skips finished stages, a killed run resumes (a fine-tuning resumes from its last checkpoint), and
-``--force`` recomputes a stage kind (``finetune``) or one stage id (``finetune/shapes-vqa/smarttrim-2x``).
+Connects to the cluster ``RAY_ADDRESS`` names (a dead address fails within 30 s: ``stages.ray_connect``), else
+starts a local Ray instance (only when some stage has to run). Every stage writes a content-addressed directory
+under ``runs/<name>/`` and a marker when done: a rerun skips finished stages, a killed run resumes (a fine-tuning
+resumes from its last checkpoint), and ``--force`` recomputes a stage kind (``finetune``) or one stage id
+(``finetune/shapes-vqa/smarttrim-2x``) and everything downstream of it (its evaluations and profiles); an unknown
+kind or id is refused with the list.
 Outputs: ``runs/<name>/results.json``, ``report.md``, ``pareto.png`` and the MLflow store ``mlflow.db``
 (``MLFLOW_TRACKING_URI`` overrides; browse with ``mlflow ui --backend-store-uri sqlite:///runs/<name>/mlflow.db``).
 ``key=value`` overrides use dotted paths into the YAML (``tasks.0.backbone.max_steps=50``).
@@ -23,18 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import PipelineConfig, load_config
-from pipeline.dag import PipelineError, execute
-from pipeline.plan import Stage, build_plan, pretrain_stages
-from pipeline.preflight import check_inputs
-from pipeline.report import finalize, model_entry, prior_entries, write_report
+if TYPE_CHECKING:  # the heavy imports (torch, Ray) wait until the arguments are parsed: --help is instant
+    from pipeline.config import PipelineConfig
+    from pipeline.plan import Stage
 
-COMMANDS = ("all", "shard", "pretrain", "finetune", "ablate", "evaluate", "profile", "report", "sweep")
+LOG = logging.getLogger("pipeline")
+COMMANDS = ("all", "plan", "shard", "pretrain", "finetune", "ablate", "evaluate", "profile", "report", "sweep")
 
 
 def select(stages: list[Stage], command: str) -> list[Stage]:
@@ -59,16 +62,47 @@ def select(stages: list[Stage], command: str) -> list[Stage]:
     return [s for s in stages if s.id in keep]
 
 
-def _ensure_ray() -> None:
-    import ray
+def _ensure_ray(cfg: PipelineConfig | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` (bounded: a dead address fails within 30 s), else start a local instance; then
+    check that every node sees ``cfg``'s run directory (``pipeline.storage.check_visible``)."""
+    from pipeline.storage import check_visible
+    from stages.ray_connect import connect
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS when set, else a local instance
+    LOG.info(f"[pipeline] Ray: {connect()}")
+    if cfg is not None:
+        check_visible(cfg.run_dir)
+
+
+def forget_outside(plan: list[Stage], selected: list[Stage], rerun: set[str]) -> list[str]:
+    """Clear the stages of ``rerun`` that this command does not run (``pipeline.run shard --force shard/x``: the
+    fine-tunings and evaluations made from the old shards would otherwise stay cached); returns their ids. The
+    ones it runs are cleared by ``execute``."""
+    from pipeline.dag import clear
+
+    ids = {s.id for s in selected}
+    outside = [s for s in plan if s.id in rerun and s.id not in ids]
+    for stage in outside:
+        clear(stage)
+    return [s.id for s in outside]
+
+
+def plan_lines(stages: list[Stage], rerun: set[str]) -> list[str]:
+    """``pipeline.run plan``: every stage of the command with its state: ``cached``, ``run`` (not done yet) or
+    ``rerun`` (done, but ``--force`` recomputes it: named, or downstream of a named stage)."""
+    width = max(len(s.id) for s in stages)
+    lines = []
+    for s in stages:
+        state = "rerun" if s.id in rerun and s.done() else "cached" if s.done() else "run"
+        lines.append(f"  {s.id:<{width}}  {state:<6}  {s.out}")
+    counts = {k: sum(line.split()[1] == k for line in lines) for k in ("cached", "run", "rerun")}
+    return [f"[plan] {len(stages)} stages: " + ", ".join(f"{v} {k}" for k, v in counts.items()), *lines]
 
 
 def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
-    """Track every model in MLflow (idempotent) and write results.json / report.md / pareto.png."""
-    from pipeline.tracking import Tracker
+    """Complete every model's MLflow run (idempotent: what the stages logged live is not logged again, see
+    ``pipeline.tracking``) and write results.json / report.md / pareto.png."""
+    from pipeline.report import finalize, model_entry, prior_entries, write_report
+    from pipeline.tracking import LiveTracking
 
     missing = [s.id for s in stages if not s.done()]
     if missing:
@@ -89,25 +123,10 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
         priors += prior_entries(task.name, markers[f"shard/{task.name}"]["metrics"], task.eval_split, metric_name)
     result = finalize([e for _, e in models], priors)  # fills flops_ratio in the entries
 
-    tracker = Tracker(cfg.run_dir, cfg.mlflow_experiment, cfg.key(), cfg.name, cfg.to_dict())
-    for s, entry in models:
-        ev_out = Path(markers[f"evaluate/{s.meta['task']}/{s.meta['name']}"]["out"])
-        pr_out = Path(markers[f"profile/{s.meta['task']}/{s.meta['name']}"]["out"])
-        history = [json.loads(line) for line in (s.out / "history.jsonl").read_text().splitlines()]
-        metrics = {"metric": entry["metric"], entry["metric_name"]: entry["metric"], "gflops": entry["gflops_mean"],
-                   "flops_ratio": entry["flops_ratio"], "latency_ms_bs1": entry["latency_ms_bs1"],
-                   "throughput": entry["throughput"], "train_seconds": markers[s.id]["metrics"]["train_seconds"],
-                   "permuted_metric": entry["permuted_metric"], "permuted_changed": entry["permuted_changed"],
-                   "test_metric": (entry["test"] or {}).get("metric"),
-                   **{f"speedup_{k}": v for k, v in (entry["speedup"] or {}).items()},
-                   **{f"focus_{k}": v for k, v in (entry["focus"] or {}).items()},
-                   **{f"keep_{g}": v for g, v in entry["keep"].items()},
-                   **{f"kind/{k}/{name}": v[name] for k, v in (entry["by_kind"] or {}).items()
-                      for name in ("metric", "permuted_metric") if v.get(name) is not None}}
-        entry["mlflow_run_id"] = tracker.log_model(
-            s.out.name, entry["name"], {"model": s.meta, "finetune": s.config.to_dict()}, metrics, history,
-            [s.out / "metrics.json", s.out / "curves.png", pr_out / "flops_hist.png", ev_out / "metrics.json",
-             *([Path(entry["test"]["results_file"])] if (entry["test"] or {}).get("results_file") else [])])
+    tracking = LiveTracking.of(cfg, stages)
+    for s, entry in models:  # the rest (metrics, curves, files) the stages logged as they finished
+        entry["mlflow_run_id"] = tracking.summarize(s, markers, {"flops_ratio": entry["flops_ratio"]})
+    tracker = tracking.tracker
     result["mlflow"] = {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_id,
                         "experiment": cfg.mlflow_experiment}
     result["config"] = cfg.to_dict()
@@ -122,18 +141,22 @@ def pretrain(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
     if cfg.pretrain is None:
         raise ValueError(f"{args.config}: has no pretrain section")
+    from pipeline.dag import execute
+    from pipeline.plan import forced, pretrain_stages
+
     stages = pretrain_stages(cfg, cfg.run_dir.resolve())
-    if not all(s.done() for s in stages) or args.force:
-        _ensure_ray()
-    markers = execute(stages, force=tuple(args.force))
+    rerun = forced(stages, args.force)
+    if not all(s.done() for s in stages) or rerun:
+        _ensure_ray(cfg)
+    markers = execute(stages, force=tuple(rerun))
     shard, pre = stages
     ev = markers[pre.id]["metrics"]["evaluation"]
-    print(f"[pipeline] pre-trained model: {pre.out / 'model'} ({ev['split']}: ITM accuracy {ev['itm_accuracy']:.4f}, "
-          f"MLM accuracy {ev['mlm_accuracy']:.4f})")
+    LOG.info(f"[pipeline] pre-trained model: {pre.out / 'model'} ({ev['split']}: ITM accuracy "
+             f"{ev['itm_accuracy']:.4f}, MLM accuracy {ev['mlm_accuracy']:.4f})")
     if cfg.pretrain.publish:
         command = " ".join(["python -m pipeline.run pretrain --config", args.config, *args.overrides])
         dest = publish(cfg, shard, pre, Path(cfg.pretrain.publish), command)
-        print(f"[pipeline] published to {dest} (see {dest / 'PRETRAINING.json'})")
+        LOG.info(f"[pipeline] published to {dest} (see {dest / 'PRETRAINING.json'})")
     return 0
 
 
@@ -144,35 +167,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", required=True, help="pipeline YAML (e.g. pipeline/configs/quickstart.yaml)")
     parser.add_argument("--force", action="append", default=[], metavar="KIND|ID",
-                        help="recompute a stage kind or one stage id (repeatable)")
+                        help="recompute a stage kind or one stage id, and everything downstream of it (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     start = time.perf_counter()
+    from pipeline.config import load_config
+    from pipeline.dag import PipelineError, execute
+    from pipeline.logs import setup_logging
+    from pipeline.plan import build_plan, forced
+    from pipeline.preflight import check_inputs
+    from pipeline.tracking import LiveTracking
+    from stages.ray_connect import RayConnectError
+
     try:
         cfg = load_config(args.config, args.overrides)
+        setup_logging(cfg.run_dir)  # console + runs/<name>/pipeline.log, before Ray is imported (pipeline.logs)
         if args.command != "report":
             check_inputs(cfg, tasks=args.command != "pretrain")  # before any work: roots, splits, tokenizers
         if args.command == "sweep":
             from pipeline.sweep import run_sweep
 
-            _ensure_ray()
+            _ensure_ray(cfg)
             run_sweep(cfg)
             return 0
         if args.command == "pretrain":
             return pretrain(cfg, args)
-        stages = select(build_plan(cfg), args.command)
+        plan = build_plan(cfg)
+        rerun = forced(plan, args.force)  # validated against the whole plan: any command may force any stage
+        stages = select(plan, "all" if args.command == "plan" else args.command)
+        if args.command == "plan":
+            print("\n".join(plan_lines(stages, rerun)))
+            return 0
+        forget_outside(plan, stages, rerun)
         if args.command != "report":
-            if not all(s.done() for s in stages) or args.force:
-                _ensure_ray()
-            execute(stages, profile_cpus=cfg.profile.cpus, force=tuple(args.force))
+            if not all(s.done() for s in stages) or rerun:
+                _ensure_ray(cfg)
+            execute(stages, profile_cpus=cfg.profile.cpus, force=tuple(rerun), tracking=LiveTracking.of(cfg, stages))
         if args.command in ("all", "report"):
             result = report(cfg, stages)
-            print(f"[pipeline] wrote {cfg.run_dir / 'results.json'}, report.md, pareto.png "
-                  f"({len(result['results'])} entries; MLflow: {result['mlflow']['tracking_uri']})")
-    except (ValueError, FileNotFoundError, PipelineError) as err:
+            LOG.info(f"[pipeline] wrote {cfg.run_dir / 'results.json'}, report.md, pareto.png "
+                     f"({len(result['results'])} entries; MLflow: {result['mlflow']['tracking_uri']})")
+    except (ValueError, FileNotFoundError, PipelineError, RayConnectError) as err:
         print(f"pipeline: error: {err}", file=sys.stderr)
         return 1
-    print(f"[pipeline] {args.command} finished in {time.perf_counter() - start:.1f} s")
+    LOG.info(f"[pipeline] {args.command} finished in {time.perf_counter() - start:.1f} s")
     return 0
 
 

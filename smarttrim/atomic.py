@@ -9,9 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask (``os.umask`` can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``. The file gets the
+    mode of any newly created file (0666 less the umask: teammates can read results), not ``mkstemp``'s 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         write(tmp)
@@ -22,9 +31,12 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 
 def temp_dir_beside(out: Path) -> Path:
-    """A new empty directory next to ``out`` (same file system, so it can be renamed to ``out``)."""
+    """A new empty directory next to ``out`` (same file system, so it can be renamed to ``out``), with the mode
+    of any new directory (0777 less the umask), not ``mkdtemp``'s 0700."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
 
 
 def replace_dir(new: Path, out: Path) -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from smarttrim.atomic import replace_dir, temp_dir_beside
+
+if TYPE_CHECKING:  # torch loads when a stage runs, not with the configs and CLIs
+    import torch
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class StageOutputs:
 
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, or ``auto`` (cuda when available)."""
+    import torch
+
     if name not in ("cpu", "cuda", "auto"):
         raise ValueError(f"device={name!r}: must be cpu, cuda or auto")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
@@ -55,6 +60,8 @@ def resolve_device(name: str) -> torch.device:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A model batch with its tensors on ``device`` (keys and other values as they are)."""
+    import torch
+
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -126,28 +133,60 @@ def add_model_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's own, else the shards')")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` and ``5E3`` are numbers (YAML 1.1, which PyYAML
+    implements, needs a dot, ``1.0e-4``, and reads ``1e-4`` as the string ``"1e-4"``)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as every config of the project is read: safe, with YAML 1.2 floats (``lr: 1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def apply_overrides(data: dict[str, Any], items: list[str], strict: bool = True) -> dict[str, Any]:
     """Apply ``key=value`` items to a nested config dict: dotted keys (``train.lr=1e-4``; list items by index,
-    ``tasks.0.name=x``), values parsed as YAML (numbers, booleans, lists, mappings; else strings).
+    ``tasks.0.name=x``), values parsed as YAML (``load_yaml``: numbers, booleans, lists, mappings; else strings).
 
     strict: every key must already exist (an unknown one is an error naming the known ones); otherwise new
-    keys are added and the config's own loader decides (the pipeline's names the dotted path)."""
+    keys are added and the config's own loader decides (the pipeline's names the dotted path). A path through a
+    list needs an index inside it; a path through a value that is not a section is an error naming both."""
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected key=value")
         node: Any = data
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate([*parents, leaf]):
+            where = ".".join(parents[:depth]) or "the config"
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise ValueError(f"override {item!r}: {where} is a list of {len(node)} item(s); {part!r} is "
+                                     f"not an index in it (0..{len(node) - 1})")
+            elif not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {where} is a value ({node!r}), not a section")
+            if depth == len(parents):
+                break  # node holds the leaf
             if isinstance(node, list):
                 node = node[int(part)]
             elif isinstance(node.get(part), dict | list) or (not strict and part not in node):
                 node = node.setdefault(part, {})
+            elif part not in node:
+                raise ValueError(f"override {item!r}: unknown section {part!r} (known: {sorted(node)})")
             else:
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+                node = node[part]  # a value: the next round names it
         if strict and isinstance(node, dict) and leaf not in node:
             raise ValueError(f"override {item!r}: unknown field {leaf!r} (known: {sorted(node)})")
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
         if isinstance(node, list):
             node[int(leaf)] = value
         else:

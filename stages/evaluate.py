@@ -80,6 +80,7 @@ from stages.common import (
     to_device,
     write_outputs,
 )
+from stages.progress import Progress
 
 METRICS = {"vqa": "vqa_score", "nlvr2": "accuracy", "snli_ve": "accuracy", "retrieval": "mean_recall"}
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
@@ -105,8 +106,9 @@ class EvaluateConfig(ModelDataConfig):
             raise ValueError(f"rerank_k={self.rerank_k!r}: must be >= 1 or None")
 
 
-def run(cfg: EvaluateConfig) -> StageOutputs:
-    """Evaluate ``cfg.model`` on every sample of ``cfg.split``; writes predictions and metrics to ``cfg.out``."""
+def run(cfg: EvaluateConfig, label: str | None = None) -> StageOutputs:
+    """Evaluate ``cfg.model`` on every sample of ``cfg.split``; writes predictions and metrics to ``cfg.out``.
+    Progress lines name the model by ``label`` (default: the output directory's name)."""
     manifest = read_manifest(cfg.shards)
     task = manifest["task"]
     _check_task(cfg, task)
@@ -118,9 +120,10 @@ def run(cfg: EvaluateConfig) -> StageOutputs:
     torch.set_num_threads(cfg.threads)
     model.to(device)
     tokenizer = stage_tokenizer(cfg)
+    prefix = f"[evaluate {label or Path(cfg.out).name}] {cfg.split}:"
     with torch.inference_mode():
         evaluate = _evaluate_retrieval if task == "retrieval" else _evaluate_classes
-        rows, measured = evaluate(model, cfg, manifest, tokenizer, device)
+        rows, measured = evaluate(model, cfg, manifest, tokenizer, device, prefix)
     files = {"predictions.jsonl": lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows))}
     if rows and all("question_id" in r for r in rows):  # VQA v2: the official results file too
         measured["results_file"] = vqa_results_name(cfg.split)
@@ -157,7 +160,7 @@ def _mean_keep(keep: dict[str, Tensor]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- classes
 def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict[str, Any], tokenizer: Any,
-                      device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      device: torch.device, prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """VQA score / accuracy of the argmax label per instance; the same with permuted images; focus of the trimming."""
     task, labels = manifest["task"], manifest["labels"]
     if model.config.num_labels != len(labels):
@@ -165,6 +168,7 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
     loader = make_loader(cfg.shards, cfg.split, tokenizer, LoaderConfig(
         batch_size=cfg.batch_size, image_size=model.config.image_size, max_text_len=model.config.max_text_len))
     focus = FocusMeter(model.config.image_size // model.config.patch_size) if _has_focus(manifest) else None
+    progress = Progress(prefix, manifest["splits"].get(cfg.split, {}).get("samples"), "instances")
     rows: list[dict[str, Any]] = []
     keep: dict[str, list[Tensor]] = {}
     labelled: bool | None = None
@@ -199,8 +203,10 @@ def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict
             if kind is not None:
                 row["kind"] = kind
             rows.append(row)
+        progress.update(len(rows))
     if not rows:
         raise ValueError(f"{cfg.shards}: split {cfg.split!r} is empty")
+    progress.finish()
     if not labelled:  # hidden answers (VQA v2 test-dev2015 / test2015): predictions only, for the official server
         return rows, {"metric": None, "labelled": False, "instances": len(rows),
                       "keep": _mean_keep({g: torch.cat(v) for g, v in keep.items()})}
@@ -395,9 +401,10 @@ def _texts(tokens: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
 
 
 def score_pairs(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tensor], pairs: Tensor,
-                batch_size: int, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+                batch_size: int, device: torch.device,
+                progress: Progress | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Retrieval scores (P,) of (image, caption) index pairs (P, 2), in batches on the model's current path, and
-    the (P,) keep ratio per trimmer group of each pair's forward."""
+    the (P,) keep ratio per trimmer group of each pair's forward (``progress``: updated with the pairs scored)."""
     scores, keep = [], {}
     for start in range(0, len(pairs), batch_size):
         image, text = pairs[start:start + batch_size].T
@@ -405,6 +412,8 @@ def score_pairs(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tenso
         scores.append(rank_score(out.logits).double().cpu())
         for g, v in out.keep_groups.items():
             keep.setdefault(g, []).append(v.cpu())
+        if progress is not None:
+            progress.update(min(start + batch_size, len(pairs)))
     return torch.cat(scores), {g: torch.cat(v) for g, v in keep.items()}
 
 
@@ -419,8 +428,10 @@ def unimodal_similarity(model: SmartTrimModel, gallery: Gallery, tokens: dict[st
 
 
 def retrieval_scores(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tensor], rerank_k: int | None,
-                     batch_size: int, device: torch.device) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
-    """(I, T) i2t and t2i ranking scores, the number of pairs the model scored and their keep ratios per group."""
+                     batch_size: int, device: torch.device,
+                     prefix: str | None = None) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
+    """(I, T) i2t and t2i ranking scores, the number of pairs the model scored and their keep ratios per group
+    (``prefix``: of progress lines over the pairs scored; None: no progress lines)."""
     shape = (len(gallery.keys), len(gallery.texts))
     if rerank_k is None:
         i2t = t2i = torch.ones(shape, dtype=torch.bool)
@@ -429,7 +440,10 @@ def retrieval_scores(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, 
         sim = unimodal_similarity(model, gallery, tokens, batch_size, device)
         i2t, t2i = topk_candidates(sim, rerank_k)
     pairs = (i2t | t2i).nonzero()  # (P, 2) image, caption
-    scores, keep = score_pairs(model, gallery, tokens, pairs, batch_size, device)
+    progress = None if prefix is None else Progress(prefix, len(pairs), "pairs")
+    scores, keep = score_pairs(model, gallery, tokens, pairs, batch_size, device, progress)
+    if progress is not None:
+        progress.finish()
     model_scores = torch.full(shape, float("nan"), dtype=torch.float64)
     model_scores[pairs[:, 0], pairs[:, 1]] = scores
     return rerank_scores(model_scores, i2t, sim), rerank_scores(model_scores, t2i, sim), len(pairs), keep
@@ -445,7 +459,7 @@ def _retrieval_rows(gallery: Gallery, ranking: Ranking) -> list[dict[str, Any]]:
 
 
 def _evaluate_retrieval(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict[str, Any], tokenizer: Any,
-                        device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                        device: torch.device, prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """R@1/5/10 both ways over the split's gallery, the model's scores of every pair on the pruning path (with
     ``rerank_k``: of each query's cosine candidates, with a warning, also in the metrics' ``warnings``)."""
     notes = []
@@ -454,7 +468,7 @@ def _evaluate_retrieval(model: SmartTrimModel, cfg: EvaluateConfig, manifest: di
         warnings.warn(notes[-1], UserWarning, stacklevel=2)
     gallery = read_gallery(cfg.shards, cfg.split, model.config.image_size, manifest)
     tokens = _tokenize(tokenizer, gallery.texts, model.config.max_text_len)
-    i2t, t2i, scored, keep = retrieval_scores(model, gallery, tokens, cfg.rerank_k, cfg.batch_size, device)
+    i2t, t2i, scored, keep = retrieval_scores(model, gallery, tokens, cfg.rerank_k, cfg.batch_size, device, prefix)
     ranking = rank_gallery(i2t, t2i, gallery.text_image)
     recalls = ranking.metrics()
     return _retrieval_rows(gallery, ranking), {

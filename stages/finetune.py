@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from smarttrim.config import TASK_NUM_LABELS, TrimConfig
-from smarttrim.data.loader import PRETRAIN_TASKS, read_manifest
+from smarttrim.data.loader import PRETRAIN_TASKS, read_manifest, shard_tokenizer
 from smarttrim.io import read_config
 from smarttrim.training import TrainConfig
 from stages.common import StageOutputs, apply_overrides, stage_parser, write_outputs
-from stages.finetune_config import FinetuneConfig, deepspeed_config
+from stages.finetune_config import FinetuneConfig, check_start, deepspeed_config
+from stages.progress import MetricsSink, quiet_ray_logs, say
+from stages.ray_connect import RayConnectError, connect
 from stages.train_loop import EXPORT_DIR, train_loop
 
 
@@ -47,7 +49,9 @@ class FinetuneError(RuntimeError):
 
 
 def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fail before starting Ray: shards readable, task trainable, init model readable."""
+    """Fail before starting Ray: shards readable, task trainable, init model readable and matching, tokenizer
+    loadable, model config valid. What fails inside a Ray Train worker is retried ``max_failures`` times (worker
+    failures: a lost node, a killed process), so errors no retry can fix belong here."""
     manifest = read_manifest(cfg.shards)
     if cfg.objective == "pretrain":
         if manifest["task"] not in PRETRAIN_TASKS:
@@ -65,20 +69,22 @@ def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
             read_config(cfg.pretrained)
         elif not Path(cfg.pretrained).is_file():
             raise FileNotFoundError(f"{cfg.pretrained}: no such model directory or METER checkpoint file")
+    shard_tokenizer(cfg.shards, cfg.tokenizer)  # loads: a missing or broken tokenizer fails here
+    check_start(cfg, manifest)  # the model config's own checks (no weights)
     return manifest
 
 
-def _trainer(cfg: FinetuneConfig) -> Any:
+def _trainer(cfg: FinetuneConfig, label: str | None = None, sink: MetricsSink | None = None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init()  # connects to RAY_ADDRESS when set, else starts a local instance
+        connect()  # RAY_ADDRESS when set (a dead one fails within 30 s), else a local instance
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint()},
+        train_loop_config={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "label": label, "sink": sink},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -137,21 +143,25 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: FinetuneConfig) -> StageOutputs:
-    """Train as configured (resuming the run's latest checkpoint if any) and export into ``cfg.out``."""
+def run(cfg: FinetuneConfig, label: str | None = None, sink: MetricsSink | None = None) -> StageOutputs:
+    """Train as configured (resuming the run's latest checkpoint if any) and export into ``cfg.out``.
+
+    ``label`` names the model in the progress lines (``[finetune <label>] step 8/16 ...``; default: the run name);
+    ``sink`` receives the curves while they are measured (``stages.progress.MetricsSink``; the pipeline's logs them
+    to MLflow). Neither is part of the configuration: they change no fingerprint and no output."""
     out = Path(cfg.out)
     fingerprint = cfg.fingerprint()
     done = out / "metrics.json"
     previous = json.loads(done.read_text()) if done.is_file() else {}
     if previous.get("fingerprint") == fingerprint and previous.get("stop_at") == cfg.stop_at:
-        print(f"[finetune] {out}: already trained with this configuration, skipping", flush=True)
+        say(f"[finetune {label or cfg.name}] {out}: already trained with this configuration, skipping")
         return StageOutputs(out, previous)
     manifest = _check_inputs(cfg)
     from ray.train import TrainingFailedError
 
     start = time.perf_counter()
     try:
-        result = _trainer(cfg).fit()
+        result = _trainer(cfg, label, sink).fit()
     except TrainingFailedError as err:
         raise FinetuneError(f"{cfg.name}: training failed (after up to {cfg.max_failures} restarts from the "
                             f"latest checkpoint in {cfg.storage_path}): {err}") from err
@@ -199,7 +209,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     data = FinetuneConfig(shards=args.shards, out=args.out).to_dict()
     data.update(preset=args.preset, init=args.init, pretrained=args.pretrained, trim=trim,
                 train={**data["train"], **train},
-                num_workers=args.num_workers, use_gpu=args.use_gpu, deepspeed=args.deepspeed,
+                num_workers=args.num_workers, use_gpu=args.use_gpu or args.device == "cuda",
+                deepspeed=args.deepspeed,
                 checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, storage=args.storage,
                 run_name=args.run_name, threads=args.threads)
     return FinetuneConfig.from_dict(apply_overrides(data, args.set))
@@ -223,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16", "bf16-mixed"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: one GPU per Ray Train worker (NCCL); cpu: gloo")
+    parser.add_argument("--use-gpu", action="store_true", help=argparse.SUPPRESS)  # old spelling of --device cuda
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--deepspeed", default="zero0", help="cluster/deepspeed config name or JSON path")
     parser.add_argument("--checkpoint-every", type=int, default=50)
@@ -233,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. train.lr_mult_head=50 trim.lambda_cost=20")
     args = parser.parse_args(argv)
+    quiet_ray_logs()  # before Ray is imported
     try:
         result = run(config_from_args(args))
-    except (ValueError, FileNotFoundError, FinetuneError) as err:
+    except (ValueError, FileNotFoundError, FinetuneError, RayConnectError) as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         return 1
     m = result.metrics

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from smarttrim.checkpoints import load_meter_checkpoint, load_pretrained, pretrained_config
-from smarttrim.config import TASK_NUM_LABELS, ModelConfig, TrimConfig, model_config
+from smarttrim.config import PRESETS, TASK_NUM_LABELS, ModelConfig, TrimConfig, model_config
 from smarttrim.data.loader import OBJECTIVES, EpochPlan, LoaderConfig, plan_epoch
-from smarttrim.io import load_model
+from smarttrim.io import load_model, read_config
 from smarttrim.model import SmartTrimModel
 from smarttrim.pretraining import PretrainModel
 from smarttrim.training import TrainConfig
@@ -83,7 +84,8 @@ class FinetuneConfig:
     max_failures: int = 2
     """Worker-group failures to recover from (each resumes from the latest checkpoint)."""
     storage: str | None = None
-    """Ray Train run storage (a shared path or URI on a multi-node cluster); None = ``<out>.ray`` beside out."""
+    """Ray Train run storage root (a shared path or a URI Ray Train and pyarrow reach: ``s3://bucket/prefix``,
+    ``gs://...``, ``file:///...``); the run's checkpoints go to ``<storage>/<name>``. None = ``<out>.ray``."""
     run_name: str | None = None
     """Ray Train run name; None = the output directory's name. A restarted driver with the same storage and
     run name resumes from the run's latest checkpoint."""
@@ -101,6 +103,8 @@ class FinetuneConfig:
     of the fingerprint); Tune's ASHA trains trials this way, rung by rung."""
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:  # here, not in a Ray Train worker (which would retry it max_failures times)
+            raise ValueError(f"preset={self.preset!r}: unknown; known presets are {sorted(PRESETS)}")
         if not isinstance(self.train, TrainConfig):
             raise ValueError(f"train={self.train!r}: must be a TrainConfig")
         for name in ("num_workers", "cpus_per_worker", "threads", "checkpoint_every", "keep_checkpoints"):
@@ -143,6 +147,11 @@ class FinetuneConfig:
             return self.storage
         out = Path(self.out).resolve()
         return str(out.with_name(out.name + ".ray"))
+
+    @property
+    def run_storage(self) -> str:
+        """This run's Ray Train directory: ``<storage_path>/<name>`` (a local path or a URI)."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
 
     @property
     def name(self) -> str:
@@ -247,13 +256,9 @@ def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartT
             load_pretrained(model.vlm, start) if Path(start).is_dir() else load_meter_checkpoint(model.vlm, start)
         return model
     if cfg.init is not None:
+        check_start(cfg, manifest)
         source = load_model(cfg.init)
         mcfg = source.config
-        if mcfg.task != task or mcfg.num_labels != labels:
-            raise ValueError(f"{cfg.init}: model is {mcfg.task} with {mcfg.num_labels} labels, the shards are "
-                             f"{task} with {labels}; start from it with pretrained= (a new task head)")
-        if cfg.image_size is not None and cfg.image_size != mcfg.image_size:
-            raise ValueError(f"image_size={cfg.image_size}: the init model {cfg.init} was trained at {mcfg.image_size}")
         if cfg.dropout is not None:
             mcfg = replace(mcfg, dropout=cfg.dropout)
         model = SmartTrimModel(mcfg, cfg.trim)
@@ -266,6 +271,50 @@ def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartT
         else:
             load_meter_checkpoint(model, cfg.pretrained)
     return model
+
+
+def storage_fs(uri_or_path: str) -> tuple[Any, str]:
+    """``(pyarrow file system, path in it)`` of a local path or a URI (``file://``, ``s3://``, ``gs://``): how Ray
+    Train itself reaches run storage."""
+    import pyarrow.fs
+
+    if "://" in uri_or_path:
+        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(uri_or_path).resolve())
+
+
+def storage_exists(uri_or_path: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = storage_fs(uri_or_path)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def delete_run_storage(cfg: FinetuneConfig) -> None:
+    """Forget this run's checkpoints (``--force``): its own directory in run storage (other runs may share the
+    storage root), and the default ``<out>.ray`` root with it."""
+    if storage_exists(cfg.run_storage):
+        fs, path = storage_fs(cfg.run_storage)
+        fs.delete_dir(path)
+    if cfg.storage is None:
+        shutil.rmtree(cfg.storage_path, ignore_errors=True)
+
+
+def check_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> ModelConfig:
+    """The starting model's config, with every check of ``build_initial_model`` that needs no weights (task and
+    labels of an ``init`` model, image size, the ``pretrained`` architecture against the preset, the preset's own
+    validation): run on the driver, before Ray Train starts workers, which would retry such an error
+    ``max_failures`` times."""
+    task, labels = model_task(cfg, manifest)
+    if cfg.init is None or cfg.objective == "pretrain":
+        return _new_config(cfg, task, labels)
+    mcfg = read_config(cfg.init)[0]
+    if mcfg.task != task or mcfg.num_labels != labels:
+        raise ValueError(f"{cfg.init}: model is {mcfg.task} with {mcfg.num_labels} labels, the shards are "
+                         f"{task} with {labels}; start from it with pretrained= (a new task head)")
+    if cfg.image_size is not None and cfg.image_size != mcfg.image_size:
+        raise ValueError(f"image_size={cfg.image_size}: the init model {cfg.init} was trained at {mcfg.image_size}")
+    return mcfg
 
 
 def _new_config(cfg: FinetuneConfig, task: str, labels: int) -> ModelConfig:

@@ -36,6 +36,7 @@ from smarttrim.pretraining import MLM_HEAD_FILE, PretrainModel, pretrain_accurac
 from stages import finetune
 from stages.common import StageOutputs, apply_overrides, stage_parser
 from stages.finetune_config import FinetuneConfig
+from stages.progress import MetricsSink, quiet_ray_logs
 from stages.train_loop import EXPORT_DIR
 
 
@@ -81,14 +82,16 @@ def evaluate_pretraining(model_dir: str | Path, shards: str, split: str, batch_s
     return out
 
 
-def run(cfg: FinetuneConfig, val_split: str = "val") -> StageOutputs:
-    """Pre-train as configured (``cfg.objective`` must be ``pretrain``), then evaluate the export on ``val_split``."""
+def run(cfg: FinetuneConfig, val_split: str = "val", label: str | None = None,
+        sink: MetricsSink | None = None) -> StageOutputs:
+    """Pre-train as configured (``cfg.objective`` must be ``pretrain``), then evaluate the export on ``val_split``
+    (``label``, ``sink``: as ``stages.finetune.run``'s)."""
     if cfg.objective != "pretrain":
         raise ValueError(f"objective={cfg.objective!r}: the pre-training stage runs objective='pretrain'")
     manifest = read_manifest(cfg.shards)
     if val_split not in manifest["splits"]:
         raise ValueError(f"{cfg.shards}: no split {val_split!r} to evaluate on (has {sorted(manifest['splits'])})")
-    result = finetune.run(cfg)
+    result = finetune.run(cfg, label, sink)
     metrics = dict(result.metrics)
     if metrics.get("evaluation", {}).get("split") != val_split:
         metrics["evaluation"] = evaluate_pretraining(result.out / EXPORT_DIR, cfg.shards, val_split,
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any FinetuneConfig field, e.g. train.warmup=0.05 checkpoint_every=500")
     args = parser.parse_args(argv)
+    quiet_ray_logs()  # before Ray is imported
     try:
         data = FinetuneConfig(shards=args.shards, out=args.out, objective="pretrain").to_dict()
         data.update(preset=args.preset, image_size=args.image_size, init=args.init, num_workers=args.num_workers,

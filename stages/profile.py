@@ -53,6 +53,7 @@ from stages.common import (
     to_device,
     write_outputs,
 )
+from stages.progress import Progress, say
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,9 @@ def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.hist([m / 1e9 for m in macs], bins=min(30, max(5, len(set(macs)))), color="#3b7dd8")
-    ax.axvline(backbone / 1e9, color="#d83b3b", linestyle="--", label="backbone (mean)")
-    ax.set_xlabel("GFLOPs (MACs) per instance")
+    ax.hist([m / 1e6 for m in macs], bins=min(30, max(5, len(set(macs)))), color="#3b7dd8")
+    ax.axvline(backbone / 1e6, color="#d83b3b", linestyle="--", label="backbone (mean)")
+    ax.set_xlabel("MMACs (millions of multiply-accumulates) per instance")
     ax.set_ylabel("instances")
     ax.set_title(title)
     ax.legend()
@@ -181,8 +182,9 @@ def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> 
     plt.close(fig)
 
 
-def run(cfg: ProfileConfig) -> StageOutputs:
-    """Profile ``cfg.model`` on ``cfg.instances`` instances of ``cfg.split``; writes JSON + PNG to ``cfg.out``."""
+def run(cfg: ProfileConfig, label: str | None = None) -> StageOutputs:
+    """Profile ``cfg.model`` on ``cfg.instances`` instances of ``cfg.split``; writes JSON + PNG to ``cfg.out``.
+    Progress lines name the model by ``label`` (default: the output directory's name)."""
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model).eval()
@@ -190,8 +192,17 @@ def run(cfg: ProfileConfig) -> StageOutputs:
     if not singles:
         raise ValueError(f"{cfg.shards}: split {cfg.split!r} has no instances to profile")
     backbone = backbone_of(model)
-    macs = [count_flops(model, one) for one in singles]
+    prefix = f"[profile {label or Path(cfg.out).name}] {cfg.split}:"
+    progress = Progress(f"{prefix} MACs of", len(singles), "instances")
+    macs = []
+    for one in singles:
+        macs.append(count_flops(model, one))
+        progress.update(len(macs))
     backbone_macs = backbone_flops(backbone, singles)
+    progress.finish(f" ({statistics.fmean(macs) / 1e6:.4g} MMACs mean, the backbone's "
+                    f"{statistics.fmean(backbone_macs) / 1e6:.4g})")
+    say(f"{prefix} timing {len(singles)} instances and {len(batches)} batches against the backbone, "
+        f"{cfg.repeats} interleaved passes")
 
     model.to(device)
     backbone.to(device)
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile: error: {err}", file=sys.stderr)
         return 1
     f, lat, sp = result.metrics["flops"], result.metrics["latency_ms_bs1"], result.metrics["speedup"]
-    print(f"{result.out}: {f['mean'] / 1e9:.4f} GMACs mean, {sp['flops']:.2f}x fewer MACs, "
+    print(f"{result.out}: {f['mean'] / 1e6:.4g} MMACs mean, {sp['flops']:.2f}x fewer MACs, "
           f"bs1 latency {sp['latency_bs1']:.2f}x faster ({lat['median']:.1f} ms median), batched throughput "
           f"{sp['throughput']:.2f}x ({result.metrics['throughput']['instances_per_s']:.1f}/s) "
           f"(interleaved with its backbone)")

@@ -49,6 +49,7 @@ from smarttrim.data.records import (
     question_kind,
 )
 from stages.common import stage_parser
+from stages.progress import Progress
 
 FORMAT = "smarttrim-shards"
 FORMAT_VERSION = 1
@@ -253,10 +254,14 @@ class SplitResult:
     """Every text of every sharded sample (a tokenizer's training corpus)."""
 
 
-def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int]) -> SplitResult:
-    """Write one split's shards into ``tmp``; raises the first ``DataError`` when ``on_error='fail'``."""
+def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int],
+                prefix: str | None = None) -> SplitResult:
+    """Write one split's shards into ``tmp``; raises the first ``DataError`` when ``on_error='fail'``
+    (``prefix``: of the progress lines, e.g. ``[shard shapes-vqa]``; None: the output directory's name)."""
     task = cfg.resolved_task
     result = SplitResult(split)
+    total = min(_shapes_size(cfg, split), cfg.limit or sys.maxsize) if cfg.source == "shapes" else cfg.limit
+    progress = Progress(f"{prefix or f'[shard {Path(cfg.out).name}]'} {split}:", total, "samples")
     keys: set[str] = set()
     pattern = str(tmp / f"{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=cfg.shard_size, verbose=0) as sink:
@@ -275,6 +280,7 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int])
             keys.add(item.key)
             sink.write(record)
             result.samples += 1
+            progress.update(result.samples)
             result.texts.extend(item.texts)
             info = json.loads(record["json"])
             if task == "vqa":
@@ -288,6 +294,7 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int])
     for file in sorted(Path(tmp).glob(f"{split}-*.tar")):
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
         result.shards.append({"file": file.name, "sha256": digest})
+    progress.finish(f" ({len(result.skipped)} skipped)" if result.skipped else "")
     return result
 
 
@@ -391,8 +398,10 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def run(cfg: ShardConfig) -> ShardOutputs:
-    """Shard ``cfg.source`` into ``cfg.out`` (atomic; a no-op when the output is up to date)."""
+def run(cfg: ShardConfig, label: str | None = None) -> ShardOutputs:
+    """Shard ``cfg.source`` into ``cfg.out`` (atomic; a no-op when the output is up to date). Progress lines name
+    the data by ``label`` (default: the output directory's name)."""
+    prefix = f"[shard {label or Path(cfg.out).name}]"
     out = Path(cfg.out)
     fp = fingerprint(cfg)
     existing = _read_manifest(out)
@@ -415,10 +424,10 @@ def run(cfg: ShardConfig) -> ShardOutputs:
         workers = cfg.workers or min(len(splits), os.cpu_count() or 1)
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                futures = [pool.submit(shard_split, cfg, s, tmp, labels) for s in splits]
+                futures = [pool.submit(shard_split, cfg, s, tmp, labels, prefix) for s in splits]
                 results = [f.result() for f in futures]
         else:
-            results = [shard_split(cfg, s, tmp, labels) for s in splits]
+            results = [shard_split(cfg, s, tmp, labels, prefix) for s in splits]
         for r in results:
             _count_shard_samples(r, cfg.shard_size)
         tokenizer = cfg.tokenizer and str(Path(cfg.tokenizer).resolve())

@@ -12,6 +12,11 @@ checkpoint also holds ``model/``, the exported fp32 model. A resumed run replays
 ``LoaderConfig.skip_batches`` put the data at the same batch, the RNG states are restored, so its loss
 curve continues the interrupted one.
 
+Rank 0 prints every logged row and validation as ``[finetune <label>] step 8/16 ... ETA 1m20s`` (the label names the
+model, e.g. ``shapes-vqa/smarttrim-2x``; the ETA is this attempt's wall time per step so far, checkpoints and
+validations included, times the steps left) and hands them to the payload's ``MetricsSink``, if any, as they are
+measured (the pipeline's logs them to the model's MLflow run).
+
 Before each step the ranks all-reduce the loss parts; a NaN/inf on any rank stops every rank before the
 bad step is applied, and rank 0 returns ``{"status": "nonfinite", ...}`` (a return value, not an
 exception: Ray would retry an exception from the last checkpoint and meet the same NaN again).
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -38,6 +42,7 @@ from smarttrim.pretraining import PretrainModel, pretrain_accuracy, save_pretrai
 from smarttrim.training import lr_lambda, param_groups
 from stages.common import instance_scores, to_device
 from stages.finetune_config import FinetuneConfig, build_initial_model, deepspeed_config, epoch_schedule
+from stages.progress import MetricsSink, eta, say
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "trainer_state.json"
@@ -189,7 +194,8 @@ class Validation:
     def due(self, step: int, end: int) -> bool:
         return step == end or step % (self.every or self.checkpoint_every) == 0
 
-    def record(self, state: TrainerState, engine: Any, epoch: int) -> None:
+    def record(self, state: TrainerState, engine: Any, epoch: int, prefix: str) -> dict[str, float]:
+        """Validate at ``state.step``: merge the values into the curve, print them; returns them."""
         module = engine.module
         dtype = next(module.parameters()).dtype
         module.eval()
@@ -216,17 +222,40 @@ class Validation:
         else:
             state.history.append({"step": state.step, "epoch": epoch, **values})
         shown = " ".join(f"{k[4:]}={v:.4f}" for k, v in values.items())
-        _say(f"[finetune] step {state.step} validation ({sum(len(b['keys']) for b in self.batches)} samples): "
-             f"{shown}")
+        say(f"{prefix} step {state.step} validation ({sum(len(b['keys']) for b in self.batches)} samples): {shown}")
+        return values
 
 
 def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train worker function (``payload``: ``FinetuneConfig.to_dict()`` + ``fingerprint``)."""
+    """The Ray Train worker function. ``payload``: ``config`` (``FinetuneConfig.to_dict()``), ``fingerprint``, and
+    optionally ``label`` (the name progress lines give the model, e.g. ``shapes-vqa/smarttrim-2x``; default: the run
+    name) and ``sink`` (a ``MetricsSink`` rank 0 logs every curve row and validation to, as they are measured; neither
+    enters the fingerprint)."""
+    import ray.train
+
+    sink: MetricsSink | None = payload.get("sink") if ray.train.get_context().get_world_rank() == 0 else None
+    try:
+        return _train(payload, sink)
+    finally:
+        if sink is not None:
+            _tracked(sink.close)
+
+
+def _tracked(call: Any, *args: Any) -> None:
+    """A sink call that cannot fail the training (sinks should not raise; this makes sure)."""
+    try:
+        call(*args)
+    except Exception as err:  # tracking is never worth a failed training
+        say(f"[finetune] warning: metrics sink failed: {type(err).__name__}: {err}")
+
+
+def _train(payload: dict[str, Any], sink: MetricsSink | None) -> dict[str, Any]:
     import deepspeed
     import ray.train
     import ray.train.torch
 
     cfg = FinetuneConfig.from_dict(payload["config"])
+    prefix = f"[{'pretrain' if cfg.objective == 'pretrain' else 'finetune'} {payload.get('label') or cfg.name}]"
     tcfg = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -269,7 +298,7 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
             state = saved
             state.resumes.append({"step": saved.step, "checkpoint": checkpoint.path, "time": time.time()})
         if rank == 0:
-            _say(f"[finetune] resumed from step {state.step}/{total} ({checkpoint.path})")
+            say(f"{prefix} resumed from step {state.step}/{total} ({checkpoint.path})")
 
     def save(final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="smarttrim-ckpt-") as tmp:
@@ -289,6 +318,7 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     epoch, done_micro = step_position(steps_per_epoch, state.step, tcfg.grad_accum) if state.step < total \
         else (len(steps_per_epoch), 0)
     end = total if cfg.stop_at is None else min(total, cfg.stop_at)
+    first_step, started = state.step, time.perf_counter()  # the ETA: this attempt's wall time per step so far
     engine.train()
     while state.step < end:
         micro_per_epoch = steps_per_epoch[epoch] * tcfg.grad_accum
@@ -333,9 +363,15 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
                 row = window.row(state.step, epoch, lrs, {g: gamma[g] for g in GROUPS if g in gamma})
                 state.history.append(row)
                 if rank == 0:
-                    _print_row(row, total, keys)
+                    per_step = (time.perf_counter() - started) / (state.step - first_step)
+                    _print_row(row, total, keys, prefix, per_step * (end - state.step))
+                    if sink is not None:
+                        _tracked(sink.log_metrics, {k: v for k, v in row.items() if k not in ("step", "epoch")},
+                                 state.step)
             if validation is not None and validation.due(state.step, end):
-                validation.record(state, engine, epoch)
+                values = validation.record(state, engine, epoch, prefix)
+                if sink is not None:
+                    _tracked(sink.log_metrics, values, state.step)
             if state.step % cfg.checkpoint_every == 0 and state.step < end:
                 save(final=False)
             tick = time.perf_counter()
@@ -346,18 +382,11 @@ def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "state": state.__dict__, "total_steps": total, "steps_per_epoch": steps_per_epoch}
 
 
-def _say(line: str) -> None:
-    """One progress line on stdout (Ray forwards it to the driver). Not ``print``: Ray Train patches it in
-    workers to go through its logger, and the driver then shows every line twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _print_row(row: dict[str, float], total: int, keys: list[str]) -> None:
+def _print_row(row: dict[str, float], total: int, keys: list[str], prefix: str, remaining_s: float) -> None:
     parts = " ".join(f"{k}={row[k]:.4f}" for k in keys if not k.startswith("keep/"))
     keep = " ".join(f"{k[5:]}={row[k]:.2f}" for k in keys if k.startswith("keep/"))
-    _say(f"[finetune] step {int(row['step'])}/{total} epoch {int(row['epoch'])} {parts}"
-         f"{' keep ' + keep if keep else ''} {row['samples_per_s']:.1f} samples/s")
+    say(f"{prefix} step {int(row['step'])}/{total} epoch {int(row['epoch'])} {parts}"
+        f"{' keep ' + keep if keep else ''} {row['samples_per_s']:.1f} samples/s, ETA {eta(remaining_s)}")
 
 
 __all__ = ["CHECKPOINT_TAG", "EXPORT_DIR", "STATE_FILE", "TrainerState", "export_state", "step_position",

@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
 LOCAL_HEAD = ROOT / "cluster" / "local_head.py"
 SUBMIT = ROOT / "cluster" / "submit.py"
-HEAD_CPUS = 2
+HEAD_CPUS = 0
+"""As ``ray_cluster.yaml``'s head: no CPU, so every stage runs on the worker node (started separately)."""
+WORKER_CPUS = 2
 
 # What the test job runs: connect to the cluster from the job's driver and print its resources. Switch to the
 # pipeline once it exists, e.g. "python -m pipeline.run all --config pipeline/configs/quickstart.yaml", and
@@ -50,10 +52,10 @@ ENTRYPOINT = ("python -c 'import json, ray; ray.init(); "
 
 
 def check_entrypoint_output(output: str) -> None:
-    """The job's driver reached THIS cluster: it reports the head's CPU count."""
+    """The job's driver reached THIS cluster: it reports its CPU count (the worker node's: the head has none)."""
     m = re.search(r"^RESOURCES (\{.*\})$", output, re.M)
     assert m, output[-3000:]
-    assert json.loads(m.group(1))["CPU"] == HEAD_CPUS
+    assert json.loads(m.group(1))["CPU"] == HEAD_CPUS + WORKER_CPUS
 
 
 # ------------------------------------------------------------------------------------------ ray_cluster.yaml
@@ -144,6 +146,9 @@ class Head:
     env: dict           # environment with this head's token (RAY_AUTH_TOKEN_PATH)
     token_file: Path
     default_token_before: tuple | None
+    shared: Path        # SMARTTRIM_RUNS_ROOT of both nodes: the "shared mount" a relative runs_dir resolves under
+    worker_cwd: Path    # the worker node's working directory (not the head's, not the repository)
+    worker_node: str    # its Ray node id
 
 
 def _file_fingerprint(path: Path) -> tuple | None:
@@ -152,6 +157,51 @@ def _file_fingerprint(path: Path) -> tuple | None:
     except FileNotFoundError:
         return None
     return st.st_mtime_ns, st.st_mode, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_worker(gcs: str, env: dict, cwd: Path, temp_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A second node: ``ray start --address`` in its own process group, working directory and Ray temp dir (as on
+    another machine: a node sharing the head's would unpack jobs into the directory the head's driver runs in),
+    with the worker CPUs and ports of its own (two raylets on one machine), waiting until the cluster counts its
+    CPUs."""
+    ports = [f"--{flag}={_free_port()}" for flag in ("node-manager-port", "object-manager-port",
+                                                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port")]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([ray_bin, "start", f"--address={gcs}", f"--num-cpus={WORKER_CPUS}", "--block",
+                                 "--disable-usage-stats", f"--temp-dir={temp_dir}", *ports], cwd=cwd,
+                                env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    probe = (f"import json, ray, time; ray.init(address={gcs!r}); t = time.time()\n"
+             f"while ray.cluster_resources().get('CPU', 0) < {WORKER_CPUS} and time.time() - t < 90: time.sleep(1)\n"
+             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')]))\n"
+             "print(json.dumps(ray.cluster_resources()))")
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_MODE": "token"}, cwd=cwd,
+                         capture_output=True, text=True, timeout=180)
+    if out.returncode != 0 or json.loads(out.stdout.splitlines()[-1]).get("CPU", 0) < WORKER_CPUS:
+        _stop_worker(proc)
+        raise AssertionError(f"the worker node did not join: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+                             + log_path.read_text(errors="replace")[-2000:])
+    (node,) = json.loads(out.stdout.splitlines()[-2])  # the only node with CPUs
+    return proc, node
+
+
+def _stop_worker(proc: subprocess.Popen) -> None:
+    """SIGTERM to the worker's `ray start --block` (it stops its raylet), then SIGKILL its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _wait_ready(log_path: Path, proc: subprocess.Popen, timeout: float) -> dict:
@@ -213,21 +263,32 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     work = tmp_path_factory.mktemp("cluster")
     # Ray's temp dir holds Unix sockets (paths < 108 bytes): short, under /tmp
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    worker_temp = Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))
     token_file = work / "token" / "auth_token"  # does not exist yet: local_head.py creates it
     default_token = Path.home() / ".ray" / "auth_token"
     default_before = _file_fingerprint(default_token)
     # no RAY_* from the caller (a ray.init() earlier in this process may have set RAY_AUTH_MODE, RAY_ADDRESS...)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    shared = work / "shared"
+    env["SMARTTRIM_RUNS_ROOT"] = str(shared)  # as ray_cluster.yaml sets it on every node
+    head_cwd, worker_cwd = work / "head-cwd", work / "worker-cwd"
+    head_cwd.mkdir()
+    worker_cwd.mkdir()
     log_path = work / "head.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(LOCAL_HEAD), "--free-ports", "--temp-dir", str(temp_dir),
-                                 "--num-cpus", str(HEAD_CPUS)], cwd=ROOT, env=env, stdout=log,
+                                 "--num-cpus", str(HEAD_CPUS)], cwd=head_cwd, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
     try:
         state = _wait_ready(log_path, proc, timeout=120)
-        yield Head(state, env, token_file, default_before)
+        worker, worker_node = _start_worker(state["gcs_address"], env, worker_cwd, worker_temp, work / "worker.log")
+        yield Head(state, env, token_file, default_before, shared, worker_cwd, worker_node)
     finally:
+        if worker is not None:
+            _stop_worker(worker)
+        shutil.rmtree(worker_temp, ignore_errors=True)
         _stop(proc, temp_dir)
         assert _file_fingerprint(default_token) == default_before, f"{default_token} was modified"
 
@@ -261,20 +322,27 @@ def test_job_with_token_succeeds(head: Head) -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_job_runs_all_stages(head: Head, tmp_path: Path) -> None:
-    """``ray job submit -- python -m pipeline.run all`` (tiny settings) on a token-auth head succeeds and
-    writes the report; the job's driver runs the DAG on the cluster."""
-    runs = tmp_path / "runs"
+def test_pipeline_job_runs_all_stages(head: Head) -> None:
+    """``ray job submit -- python -m pipeline.run all`` (tiny settings) on a two-node token-auth cluster: the driver
+    runs on the head (no CPUs), every stage on the worker node (its own working directory), and the report the
+    driver writes sees every stage. ``runs_dir`` is the default, relative ``runs``: it resolves under the nodes'
+    shared root, not in Ray's job directory (deleted with the job) or a node's working directory."""
     overrides = [*TINY_PIPELINE, "ablations.target=null", "baselines.target=null",
                  "targets=[{name: 2x, token_target_vision: 0.3, token_target_text: 0.5, head_target: 0.4}]"]
     rc, out = _submit(head.env, head.state["dashboard"], "--config", "pipeline/configs/quickstart.yaml",
-                      f"runs_dir={runs}", *overrides, timeout=900)
+                      *overrides, timeout=900)
     assert rc == 0, out[-4000:]
     assert re.search(r"job smarttrim-\S+: SUCCEEDED", out), out[-4000:]
-    report = json.loads((runs / "quickstart" / "results.json").read_text())
+    run_dir = head.shared / "runs" / "quickstart"
+    report = json.loads((run_dir / "results.json").read_text())
     assert {e["name"] for e in report["results"]} == {"shapes-vqa/backbone", "shapes-vqa/smarttrim-2x",
                                                       "shapes-vqa/majority", "shapes-vqa/text_only"}
     assert "[pipeline] all finished" in out
+    markers = [json.loads(m.read_text()) for m in run_dir.glob("*/*.done.json")]
+    assert len(markers) == 7  # shard, 2 fine-tunings, 2 evaluations, 2 profiles
+    nodes = {m["id"]: m["node"] for m in markers if not m["id"].startswith("finetune/")}  # (0-CPU driver tasks)
+    assert set(nodes.values()) == {head.worker_node}, nodes
+    assert not list(head.worker_cwd.iterdir()), "nothing lands in the worker node's working directory"
 
 
 @pytest.mark.slow
@@ -303,7 +371,7 @@ def test_job_without_or_with_wrong_token_is_refused(head: Head, tmp_path: Path) 
                                  headers={"Authorization": f"Bearer {head.token_file.read_text().strip()}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         ids = [job.get("submission_id") for job in json.load(r)]
-    assert not [i for i in ids if i.startswith("refused-")], ids
+    assert not [i for i in ids if i and i.startswith("refused-")], ids  # (None: drivers not submitted as jobs)
 
 
 @pytest.mark.slow
@@ -324,12 +392,27 @@ def test_helpers_have_usage() -> None:
         out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr
     out = subprocess.run([sys.executable, str(SUBMIT), "--dry-run", "--config", "pipeline/configs/quickstart.yaml",
-                          "train.max_steps=10"], capture_output=True, text=True, cwd=ROOT)
+                          "tasks.0.backbone.max_steps=10"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     cmd = shlex.split(out.stderr.splitlines()[0].removeprefix("+ "))
     assert cmd[1:3] == ["job", "submit"] and "--working-dir" in cmd
     assert cmd[cmd.index("--") + 1:] == ["python", "-m", "pipeline.run", "all", "--config",
-                                         "pipeline/configs/quickstart.yaml", "train.max_steps=10"]
+                                         "pipeline/configs/quickstart.yaml", "tasks.0.backbone.max_steps=10"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    env_vars = json.loads(cmd[cmd.index("--runtime-env-json") + 1])["env_vars"]
+    assert env_vars["SMARTTRIM_GIT_COMMIT"] == head, "the job's MLflow runs get the submitted commit"
+    # a config the pipeline would refuse is refused before submitting (this was the --help's own example)
+    out = subprocess.run([sys.executable, str(SUBMIT), "--dry-run", "--config", "pipeline/configs/quickstart.yaml",
+                          "train.max_steps=10"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 3 and "train: unknown key" in out.stderr and "nothing submitted" in out.stderr, out.stderr
+    help_text = subprocess.run([sys.executable, str(SUBMIT), "--help"], capture_output=True, text=True).stdout
+    joined = re.sub(r"\\\n\s*", " ", help_text.split("Examples:", 1)[1])  # continuation lines joined
+    examples = [shlex.split(line)[2:] for line in joined.splitlines() if line.strip().startswith("python cluster/")]
+    assert len(examples) >= 3, help_text
+    for example in examples:  # every example of --help passes the same check
+        out = subprocess.run([sys.executable, str(SUBMIT), "--dry-run", *example], capture_output=True, text=True,
+                             cwd=ROOT)
+        assert out.returncode == 0, (example, out.stderr)
     missing = ROOT / "no-such-dir" / "auth_token"
     out = subprocess.run([sys.executable, str(SUBMIT), "--token-file", str(missing), "--entrypoint", "true"],
                          capture_output=True, text=True, cwd=ROOT)

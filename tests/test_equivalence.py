@@ -1,4 +1,4 @@
-"""The tests that give real confidence in the trimming semantics (DESIGN.md, 'Trimming semantics')."""
+"""The tests that give real confidence in the trimming semantics (docs/ARCHITECTURE.md, "Trimming semantics")."""
 
 from __future__ import annotations
 

@@ -226,3 +226,18 @@ def test_bf16_zero2_with_accumulation_exports_the_fp32_master_weights(ray_cluste
     assert torch.allclose(exported[name].bfloat16().float(), ds_state[name].float(), rtol=0, atol=0), \
         "the bf16 working weights are the rounded fp32 masters"
     smarttrim.load_model(tmp_path / "bf16" / "model")
+
+
+def test_errors_no_retry_can_fix_are_raised_before_ray_train(shards: Path, tmp_path: Path) -> None:
+    """A start model of another task, a missing tokenizer, a bad image size: refused on the driver, before any Ray
+    Train worker (which would retry each ``max_failures`` times, leaving a ``.ray/`` directory behind)."""
+    other = tmp_path / "nlvr2-model"
+    smarttrim.build_model("meter-tiny", task="nlvr2").save_pretrained(other)
+    bad = {"init": (dict(init=str(other)), "model is nlvr2 with 2 labels, the shards are vqa"),
+           "tokenizer": (dict(tokenizer=str(tmp_path / "no-tokenizer")), "no-tokenizer"),
+           "image_size": (dict(image_size=30), "image_size")}
+    for name, (overrides, message) in bad.items():
+        cfg = _config(shards, tmp_path / name, **overrides)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            run(cfg)
+        assert not Path(cfg.storage_path).exists(), name

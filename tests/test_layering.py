@@ -1,5 +1,5 @@
-"""Imports point one way (DESIGN.md): smarttrim never loads ray, mlflow, deepspeed, stages or pipeline; stages
-never load pipeline, and a stage's config validates without Ray or DeepSpeed."""
+"""Imports point one way (docs/ARCHITECTURE.md): smarttrim never loads ray, mlflow, deepspeed, stages or pipeline;
+stages never load pipeline, and a stage's config validates without Ray or DeepSpeed."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """``pipeline/configs/paper.yaml`` as a user runs it: only the data roots, the tokenizer and the METER checkpoint are
-the user's, everything else is the file's (tasks, splits, targets, ablations, recipes), shrunk to tiny sizes and
-steps. The data are small sets in the four sources' official layouts, the checkpoint carries the key names of an
-official METER pre-training checkpoint (``tests/test_checkpoints.py``'s mirror of METER's modules)."""
+the user's, everything else is the file's (tasks, splits, targets, ablations, recipes, GPU settings), shrunk to tiny
+sizes and steps; ``runs_dir`` and Ray Train's ``compute.storage`` are ``file://`` URIs. The data are small sets in
+the four sources' official layouts, the checkpoint carries the key names of an official METER pre-training
+checkpoint (``tests/test_checkpoints.py``'s mirror of METER's modules)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ pytestmark = pytest.mark.slow
 
 TINY = ["model.preset=meter-tiny", "compute.num_workers=1", "compute.use_gpu=false", "compute.cpus_per_worker=1",
         "compute.threads=1", "compute.checkpoint_every=2", "evaluate.threads=1",
-        "evaluate.batch_size=16", "profile.instances=4", "profile.batch_size=4", "profile.cpus=1"]
+        "evaluate.batch_size=16", "profile.instances=4", "profile.batch_size=4", "profile.cpus=1",
+        "ablations.variants=[no_self_distill]"]
 """Sizes and steps only: a 2-core machine instead of 8 GPUs (the file's bf16 under ZeRO-2 stays), meter-tiny instead of
-meter-base."""
+meter-base, and one of the file's three ablations (each is SmartTrim with one switch off, as the quickstart's tests
+cover; 20 fine-tunings instead of 28 keep the suite's time)."""
 
 
 def test_paper_config_runs_with_only_the_users_paths(tmp_path: Path) -> None:
@@ -44,7 +47,9 @@ def test_paper_config_runs_with_only_the_users_paths(tmp_path: Path) -> None:
 
     cfg = load_config(ROOT / "pipeline/configs/paper.yaml")
     roots = {"vqa": "vqa_v2", "nlvr2": "nlvr2", "snli-ve": "snli_ve", "flickr30k": "flickr30k"}
-    paths = [f"model.pretrained={checkpoint}", f"runs_dir={tmp_path / 'runs'}"]
+    storage = tmp_path / "checkpoints"  # Ray Train's storage as a URI, through pyarrow as for s3:// or gs://
+    paths = [f"model.pretrained={checkpoint}", f"runs_dir={(tmp_path / 'runs').as_uri()}",  # file:///...
+             f"compute.storage={storage.as_uri()}"]
     steps = []
     for i, task in enumerate(cfg.tasks):
         paths += [f"tasks.{i}.data.root={data / roots[task.name]}", f"tasks.{i}.data.tokenizer={tokenizer}"]
@@ -58,8 +63,9 @@ def test_paper_config_runs_with_only_the_users_paths(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "runs" / "paper" / "results.json").read_text())
     models = [e for e in report["results"] if e["kind"] != "prior"]
-    variants = {"backbone", "smarttrim-1.5x", "smarttrim-2x", "smarttrim-2.5x", "no_stable_init-2x",
-                "no_curriculum-2x", "no_self_distill-2x"}
+    assert cfg.ablations.variants == ("no_stable_init", "no_curriculum", "no_self_distill") and \
+        cfg.ablations.target == "2x", "the file's ablations (the run trains the last one)"
+    variants = {"backbone", "smarttrim-1.5x", "smarttrim-2x", "smarttrim-2.5x", "no_self_distill-2x"}
     assert {e["name"] for e in models} == {f"{t}/{v}" for t in roots for v in variants}
     assert all(e["start"] == "pretrained" and e["start_from"] == str(checkpoint) for e in models)
     priors = {e["name"]: e["metric"] for e in report["results"] if e["kind"] == "prior"}
@@ -72,6 +78,12 @@ def test_paper_config_runs_with_only_the_users_paths(tmp_path: Path) -> None:
     splits: dict[str, set[str]] = {}
     for marker in (tmp_path / "runs" / "paper" / "evaluate").glob("*.done.json"):  # evaluate/ and test/ stages
         splits.setdefault(marker.name.split("-")[0], set()).add(json.loads(marker.read_text())["metrics"]["split"])
+    runs = {p.name for p in storage.iterdir()}
+    assert len(runs) == len(models) and all(r.startswith(tuple(roots)) for r in runs), runs
+    assert not list((tmp_path / "runs" / "paper" / "finetune").glob("*.ray")), "no checkpoints beside the outputs"
+    devices = {json.loads(m.read_text())["metrics"]["device"] for kind in ("evaluate", "profile")
+               for m in (tmp_path / "runs" / "paper" / kind).glob("*.done.json")}
+    assert devices == {"cpu"}, "the file's device: auto runs on CPU on a machine without GPUs"
     assert splits == {"vqa": {"val2014"}, "nlvr2": {"dev", "test1"}, "snli": {"dev", "test"},
                       "flickr30k": {"test"}}, "the official files' splits; Flickr30K on Karpathy test as reported"
     tested = {e["name"].split("/")[0]: e["test"] for e in models if e["test"]}

@@ -1,10 +1,11 @@
-"""``python -m pipeline.run`` end to end at tiny settings: the DAG, the report, MLflow, caching, resume after a
-kill, and a small Ray Tune sweep."""
+"""``python -m pipeline.run`` end to end at tiny settings: the DAG, the report, MLflow (logged live), the progress
+lines and ``pipeline.log``, caching, resume after a kill, and a small Ray Tune sweep."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,9 +36,18 @@ def _mlflow_runs(run_dir: Path) -> list:
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
-def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path: Path) -> None:
-    done = _pipeline(tmp_path)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One ``all`` at tiny settings, shared by the tests below (the first reruns it cached and forces a stage)."""
+    runs = tmp_path_factory.mktemp("runs")
+    done = _pipeline(runs)
     assert done.returncode == 0, done.stderr[-4000:]
+    return runs, done
+
+
+def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(
+        tiny_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp_path, _ = tiny_run
     run_dir = tmp_path / "quickstart"
     report = json.loads((run_dir / "results.json").read_text())
     entries = {e["name"]: e for e in report["results"]}
@@ -46,7 +56,8 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
     assert set(entries) == models | {"shapes-vqa/majority", "shapes-vqa/text_only"}
     assert report["majority_baseline"]["shapes-vqa"] == entries["shapes-vqa/majority"]["metric"] > 0
     assert report["text_only_baseline"]["shapes-vqa"] == entries["shapes-vqa/text_only"]["metric"] > 0
-    fields = {"name", "kind", "task", "metric_name", "metric", "gflops_mean", "flops_ratio", "latency_ms_bs1",
+    fields = {"name", "kind", "task", "metric_name", "metric", "mmacs_mean", "gflops_mean", "flops_ratio",
+              "latency_ms_bs1",
               "throughput", "keep", "model_dir", "mlflow_run_id", "speedup", "permuted_metric", "permuted_changed",
               "focus", "start", "by_kind"}
     for name, e in entries.items():
@@ -91,7 +102,7 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
         if e["kind"] != "prior":
             child = by_id[e["mlflow_run_id"]]
             assert child.data.metrics["vqa_score"] == pytest.approx(e["metric"])
-            assert child.data.metrics["gflops"] == pytest.approx(e["gflops_mean"])
+            assert child.data.metrics["mmacs"] == pytest.approx(e["mmacs_mean"]) == e["gflops_mean"] * 1000
             assert child.data.metrics["flops_ratio"] == pytest.approx(e["flops_ratio"])
             assert child.data.metrics["speedup_latency_bs1"] == pytest.approx(e["speedup"]["latency_bs1"])
             assert child.data.metrics["kind/exists/metric"] == pytest.approx(e["by_kind"]["exists"]["metric"])
@@ -114,6 +125,81 @@ def test_all_produces_the_report_and_mlflow_runs_and_a_rerun_is_cached(tmp_path:
     assert len(client.get_metric_history(child, "flops_ratio")) == 1
     forced = _pipeline(tmp_path, "--force", "profile/shapes-vqa/backbone")
     assert forced.returncode == 0 and forced.stdout.count(": cached") == len(markers) - 1
+
+
+def test_mlflow_runs_are_logged_live_with_the_commit_the_kind_and_a_folder_per_stage(
+        tiny_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    import mlflow
+
+    run_dir = tiny_run[0] / "quickstart"
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smarttrim")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "the model-training view, not GenAI"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = next(r for r in runs if "smarttrim.pipeline_key" in r.data.tags)
+    commit = parent.data.tags["mlflow.source.git.commit"]
+    kind = subprocess.run(["git", "cat-file", "-t", commit], cwd=ROOT, capture_output=True, text=True).stdout
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and kind.strip() == "commit", commit
+    assert parent.data.tags["smarttrim.git_dirty"] in ("true", "false")
+    assert parent.data.params["name"] == "quickstart" and "targets" in parent.data.params  # the config
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 5
+    for child in children:
+        name, run_id = child.info.run_name, child.info.run_id
+        assert child.data.tags["mlflow.source.git.commit"] == commit, name
+        marker = json.loads(next((run_dir / "finetune").glob(f"{child.data.tags['smarttrim.model_key']}.done.json"))
+                            .read_text())
+        loss = client.get_metric_history(run_id, "train/loss")
+        steps, stamps = [m.step for m in loss], [m.timestamp for m in loss]
+        assert steps == sorted(set(steps)) and steps[-1] == marker["metrics"]["steps"] and len(steps) >= 4, name
+        # logged as measured: a time per row, spread over the training, before the evaluation and the report
+        assert len(set(stamps)) == len(stamps) and stamps == sorted(stamps), (name, stamps)
+        assert (stamps[-1] - stamps[0]) / 1000 > 0.25 * marker["metrics"]["train_seconds"], (name, stamps)
+        val = client.get_metric_history(run_id, "val/metric")
+        assert [m.step for m in val][-1] == steps[-1], name
+        evaluated = client.get_metric_history(run_id, "vqa_score")[0].timestamp
+        reported = client.get_metric_history(run_id, "flops_ratio")[0].timestamp
+        assert stamps[-1] <= evaluated <= reported, name
+        folders = {a.path for a in client.list_artifacts(run_id)}
+        assert folders == {"finetune", "evaluate", "profile"}, (name, folders)
+        assert {a.path for a in client.list_artifacts(run_id, "finetune")} >= {
+            "finetune/metrics.json", "finetune/curves.png", "finetune/history.jsonl"}
+        assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == ["evaluate/metrics.json"]
+        assert {a.path for a in client.list_artifacts(run_id, "profile")} == {"profile/profile.json",
+                                                                              "profile/flops_hist.png"}
+
+
+def test_pipeline_log_reports_each_stage_with_its_own_run_time(
+        tiny_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir = tiny_run[0] / "quickstart"
+    lines = (run_dir / "pipeline.log").read_text().splitlines()
+    record = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: .*")
+    assert lines and all(record.fullmatch(line) for line in lines), [x for x in lines if not record.fullmatch(x)]
+    markers = [json.loads(p.read_text()) for p in run_dir.rglob("*.done.json")]
+    assert len(markers) == 16
+    for marker in markers:  # the last "done" line of each stage (a forced rerun appends one) is its marker's time
+        done = [line for line in lines if f"[pipeline] {marker['id']}: done in " in line]
+        assert done, marker["id"]
+        seconds = float(re.search(r": done in ([\d.]+) s \(waited [\d.]+ s", done[-1]).group(1))
+        assert seconds == round(marker["seconds"], 1), (marker["id"], done[-1], marker["seconds"])
+    assert any(": cached" in line for line in lines), "the reruns' cached stages are in the log too"
+
+
+def test_progress_lines_name_the_model_and_checkpoints_stay_quiet(
+        tiny_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out = tiny_run[1].stdout + tiny_run[1].stderr
+    steps = re.findall(r"\[finetune ([\w./-]+)\] step (\d+)/(\d+) epoch .* samples/s, ETA (\d+[smh]\S*)", out)
+    models = {"backbone", "smarttrim-2x", "smarttrim-1.5x", "local-2x", "no_self_distill-2x"}
+    assert {name for name, *_ in steps} == {f"shapes-vqa/{m}" for m in models}
+    for name in models:  # every logged row of every model is shown (none folded by Ray's deduplication)
+        total, every = (40, 8) if name == "backbone" else (16, 4)  # max_steps, log_every of TINY
+        shown = sorted(int(s) for n, s, t, _ in steps if n == f"shapes-vqa/{name}" and int(t) == total)
+        assert shown == list(range(every, total + 1, every)), (name, shown)
+        assert f"[finetune shapes-vqa/{name}] step {total} validation" in out
+        assert f"[evaluate shapes-vqa/{name}] val: 40 instances in " in out
+        assert f"[profile shapes-vqa/{name}] val: MACs of 4 instances in " in out
+    assert "[shard shapes-vqa] train: 320 samples in " in out
+    assert "TrainingReport(" not in out and "Checkpoint successfully created" not in out
 
 
 def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
