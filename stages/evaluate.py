@@ -56,18 +56,10 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from smarttrim.data import shapes
-from smarttrim.data.gallery import Gallery, read_gallery
-from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest
 from smarttrim.data.records import question_kind
-from smarttrim.io import load_model
-from smarttrim.model import SmartTrimModel
 from stages.common import (
     ModelDataConfig,
     StageOutputs,
@@ -81,6 +73,13 @@ from stages.common import (
     write_outputs,
 )
 from stages.progress import Progress
+
+if TYPE_CHECKING:  # torch and the model load when a stage runs, not with the module: --help is instant
+    import torch
+    from torch import Tensor
+
+    from smarttrim.data.gallery import Gallery
+    from smarttrim.model import SmartTrimModel
 
 METRICS = {"vqa": "vqa_score", "nlvr2": "accuracy", "snli_ve": "accuracy", "retrieval": "mean_recall"}
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
@@ -109,6 +108,11 @@ class EvaluateConfig(ModelDataConfig):
 def run(cfg: EvaluateConfig, label: str | None = None) -> StageOutputs:
     """Evaluate ``cfg.model`` on every sample of ``cfg.split``; writes predictions and metrics to ``cfg.out``.
     Progress lines name the model by ``label`` (default: the output directory's name)."""
+    import torch
+
+    from smarttrim.data.loader import read_manifest
+    from smarttrim.io import load_model
+
     manifest = read_manifest(cfg.shards)
     task = manifest["task"]
     _check_task(cfg, task)
@@ -162,6 +166,10 @@ def _mean_keep(keep: dict[str, Tensor]) -> dict[str, float]:
 def _evaluate_classes(model: SmartTrimModel, cfg: EvaluateConfig, manifest: dict[str, Any], tokenizer: Any,
                       device: torch.device, prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """VQA score / accuracy of the argmax label per instance; the same with permuted images; focus of the trimming."""
+    import torch
+
+    from smarttrim.data.loader import LoaderConfig, make_loader
+
     task, labels = manifest["task"], manifest["labels"]
     if model.config.num_labels != len(labels):
         raise ValueError(f"{cfg.model}: {model.config.num_labels} labels, the shards have {len(labels)}")
@@ -328,6 +336,8 @@ def best_ranks(scores: Tensor, relevant: Tensor) -> tuple[Tensor, Tensor]:
     scores: (Q, C), higher = better; relevant: (Q, C) bool, at least one per row. Ties rank the lower
     candidate index first (a stable sort). Returns ((Q,) long ranks, (Q, C) candidate indices).
     """
+    import torch
+
     if not bool(relevant.any(1).all()):
         raise ValueError("best_ranks: a query has no relevant candidate")
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
@@ -362,6 +372,8 @@ class Ranking:
 def rank_gallery(i2t_scores: Tensor, t2i_scores: Tensor, text_image: Tensor) -> Ranking:
     """Rank a gallery from (I, T) pair scores: ``i2t_scores`` rank captions per image (rows), ``t2i_scores``
     images per caption (columns); ``text_image`` (T,) is each caption's image (the only relevant one)."""
+    import torch
+
     relevant = text_image[None, :] == torch.arange(i2t_scores.shape[0])[:, None]  # (I, T)
     text_ranks, text_order = best_ranks(t2i_scores.T, relevant.T)
     image_ranks, _ = best_ranks(i2t_scores, relevant)
@@ -371,6 +383,8 @@ def rank_gallery(i2t_scores: Tensor, t2i_scores: Tensor, text_image: Tensor) -> 
 def topk_candidates(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(I, T) bool masks of re-ranked pairs: each image's k most similar captions (i2t) and each caption's k
     most similar images (t2i), by the similarity ``sim`` (I, T)."""
+    import torch
+
     i2t, t2i = torch.zeros_like(sim, dtype=torch.bool), torch.zeros_like(sim, dtype=torch.bool)
     i2t.scatter_(1, sim.topk(min(k, sim.shape[1]), dim=1).indices, True)
     t2i.scatter_(0, sim.topk(min(k, sim.shape[0]), dim=0).indices, True)
@@ -380,6 +394,8 @@ def topk_candidates(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def rerank_scores(scores: Tensor, candidates: Tensor, sim: Tensor) -> Tensor:
     """Scores that rank the ``candidates`` by the model's ``scores`` above every other pair, those by cosine ``sim``
     (in [-1, 1]): non-candidates get ``min(scores over candidates) - 3 + sim``."""
+    import torch
+
     floor = scores[candidates].min() - 3.0
     return torch.where(candidates, scores, floor + sim.to(scores.dtype))
 
@@ -390,6 +406,8 @@ def _tokenize(tokenizer: Any, texts: tuple[str, ...], max_len: int) -> dict[str,
 
 
 def _chunks(n: int, size: int) -> list[Tensor]:
+    import torch
+
     return [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
 
 
@@ -405,6 +423,8 @@ def score_pairs(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tenso
                 progress: Progress | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Retrieval scores (P,) of (image, caption) index pairs (P, 2), in batches on the model's current path, and
     the (P,) keep ratio per trimmer group of each pair's forward (``progress``: updated with the pairs scored)."""
+    import torch
+
     scores, keep = [], {}
     for start in range(0, len(pairs), batch_size):
         image, text = pairs[start:start + batch_size].T
@@ -420,6 +440,9 @@ def score_pairs(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tenso
 def unimodal_similarity(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, Tensor], batch_size: int,
                         device: torch.device) -> Tensor:
     """(I, T) cosine similarity of the uni-modal image and caption features (``SmartTrimModel.*_features``)."""
+    import torch
+    import torch.nn.functional as F
+
     image = torch.cat([model.image_features(gallery.images[c].to(device))
                        for c in _chunks(len(gallery.keys), batch_size)])
     text = torch.cat([model.text_features(**to_device(_texts(tokens, c), device))
@@ -432,6 +455,8 @@ def retrieval_scores(model: SmartTrimModel, gallery: Gallery, tokens: dict[str, 
                      prefix: str | None = None) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
     """(I, T) i2t and t2i ranking scores, the number of pairs the model scored and their keep ratios per group
     (``prefix``: of progress lines over the pairs scored; None: no progress lines)."""
+    import torch
+
     shape = (len(gallery.keys), len(gallery.texts))
     if rerank_k is None:
         i2t = t2i = torch.ones(shape, dtype=torch.bool)
@@ -462,6 +487,8 @@ def _evaluate_retrieval(model: SmartTrimModel, cfg: EvaluateConfig, manifest: di
                         device: torch.device, prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """R@1/5/10 both ways over the split's gallery, the model's scores of every pair on the pruning path (with
     ``rerank_k``: of each query's cosine candidates, with a warning, also in the metrics' ``warnings``)."""
+    from smarttrim.data.gallery import read_gallery
+
     notes = []
     if cfg.rerank_k is not None:
         notes.append(RERANK_WARNING.format(k=cfg.rerank_k))

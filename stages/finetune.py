@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from smarttrim.config import TASK_NUM_LABELS, TrimConfig
-from smarttrim.data.loader import PRETRAIN_TASKS, read_manifest, shard_tokenizer
-from smarttrim.io import read_config
 from smarttrim.training import TrainConfig
 from stages.common import StageOutputs, apply_overrides, stage_parser, write_outputs
 from stages.finetune_config import FinetuneConfig, check_start, deepspeed_config
 from stages.progress import MetricsSink, quiet_ray_logs, say
 from stages.ray_connect import RayConnectError, connect
-from stages.train_loop import EXPORT_DIR, train_loop
+
+# torch, Ray and the model load when a run starts, not with the module: --help is instant
 
 
 class FinetuneError(RuntimeError):
@@ -52,6 +51,9 @@ def _check_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fail before starting Ray: shards readable, task trainable, init model readable and matching, tokenizer
     loadable, model config valid. What fails inside a Ray Train worker is retried ``max_failures`` times (worker
     failures: a lost node, a killed process), so errors no retry can fix belong here."""
+    from smarttrim.data.loader import PRETRAIN_TASKS, read_manifest, shard_tokenizer
+    from smarttrim.io import read_config
+
     manifest = read_manifest(cfg.shards)
     if cfg.objective == "pretrain":
         if manifest["task"] not in PRETRAIN_TASKS:
@@ -78,6 +80,8 @@ def _trainer(cfg: FinetuneConfig, label: str | None = None, sink: MetricsSink | 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from stages.train_loop import train_loop
 
     if not ray.is_initialized():
         connect()  # RAY_ADDRESS when set (a dead one fails within 30 s), else a local instance
@@ -149,6 +153,8 @@ def run(cfg: FinetuneConfig, label: str | None = None, sink: MetricsSink | None 
     ``label`` names the model in the progress lines (``[finetune <label>] step 8/16 ...``; default: the run name);
     ``sink`` receives the curves while they are measured (``stages.progress.MetricsSink``; the pipeline's logs them
     to MLflow). Neither is part of the configuration: they change no fingerprint and no output."""
+    from stages.train_loop import EXPORT_DIR
+
     out = Path(cfg.out)
     fingerprint = cfg.fingerprint()
     done = out / "metrics.json"
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FinetuneError, RayConnectError) as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         return 1
+    from stages.train_loop import EXPORT_DIR
+
     m = result.metrics
     final = m["final"]
     keep = " ".join(f"{k[5:]}={v:.2f}" for k, v in final.items() if k.startswith("keep/"))

@@ -11,15 +11,15 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from smarttrim.checkpoints import load_meter_checkpoint, load_pretrained, pretrained_config
 from smarttrim.config import PRESETS, TASK_NUM_LABELS, ModelConfig, TrimConfig, model_config
-from smarttrim.data.loader import OBJECTIVES, EpochPlan, LoaderConfig, plan_epoch
-from smarttrim.io import load_model, read_config
-from smarttrim.model import SmartTrimModel
-from smarttrim.pretraining import PretrainModel
 from smarttrim.training import TrainConfig
+
+if TYPE_CHECKING:  # torch loads when a model or loader is built, not with the config (the CLIs' --help is instant)
+    from smarttrim.data.loader import EpochPlan, LoaderConfig
+    from smarttrim.model import SmartTrimModel
+    from smarttrim.pretraining import PretrainModel
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 """Named DeepSpeed configs (``zero0``, ``zero1``, ``zero2``): JSON files whose batch, accumulation, clipping
@@ -120,6 +120,8 @@ class FinetuneConfig:
                              f"{self.train.log_every} (a resumed run's curve then lines up with its checkpoint)")
         if self.init is not None and self.pretrained is not None:
             raise ValueError(f"init={self.init!r} and pretrained={self.pretrained!r}: give one starting point")
+        from smarttrim.data.loader import OBJECTIVES
+
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: must be one of {OBJECTIVES}")
         if self.objective == "pretrain" and self.trim is not None:
@@ -247,6 +249,11 @@ def model_task(cfg: FinetuneConfig, manifest: dict[str, Any]) -> tuple[str, int]
 def build_initial_model(cfg: FinetuneConfig, manifest: dict[str, Any]) -> SmartTrimModel | PretrainModel:
     """The model training starts from: ``cfg.init``'s backbone and head (+ fresh trimmers), or a new model of the
     preset or of the ``pretrained`` directory's architecture with the pre-trained weights loaded."""
+    from smarttrim.checkpoints import load_meter_checkpoint, load_pretrained
+    from smarttrim.io import load_model
+    from smarttrim.model import SmartTrimModel
+    from smarttrim.pretraining import PretrainModel
+
     task, labels = model_task(cfg, manifest)
     if cfg.objective == "pretrain":
         mcfg = _new_config(cfg, task, labels)
@@ -305,6 +312,8 @@ def check_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> ModelConfig:
     labels of an ``init`` model, image size, the ``pretrained`` architecture against the preset, the preset's own
     validation): run on the driver, before Ray Train starts workers, which would retry such an error
     ``max_failures`` times."""
+    from smarttrim.io import read_config
+
     task, labels = model_task(cfg, manifest)
     if cfg.init is None or cfg.objective == "pretrain":
         return _new_config(cfg, task, labels)
@@ -320,6 +329,8 @@ def check_start(cfg: FinetuneConfig, manifest: dict[str, Any]) -> ModelConfig:
 def _new_config(cfg: FinetuneConfig, task: str, labels: int) -> ModelConfig:
     """A new model's config: the ``pretrained`` directory's architecture, else the preset's; with the run's
     image size and dropout overrides."""
+    from smarttrim.checkpoints import pretrained_config
+
     overrides: dict[str, Any] = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     if cfg.image_size is not None:
         overrides["image_size"] = cfg.image_size
@@ -337,6 +348,8 @@ def epoch_schedule(cfg: FinetuneConfig, manifest: dict[str, Any], base: LoaderCo
     """Per epoch: the loader plan and the optimizer steps (identical on every rank); and the total steps.
 
     ``train.max_steps`` set: epochs repeat until that many steps; else ``train.epochs`` epochs."""
+    from smarttrim.data.loader import plan_epoch
+
     t = cfg.train
     plans: list[EpochPlan] = []
     steps: list[int] = []

@@ -24,24 +24,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from smarttrim.atomic import atomic_write
-from smarttrim.data.loader import LoaderConfig, make_loader, read_manifest, shard_tokenizer
-from smarttrim.io import load_model, read_config
-from smarttrim.pretraining import MLM_HEAD_FILE, PretrainModel, pretrain_accuracy
 from stages import finetune
 from stages.common import StageOutputs, apply_overrides, stage_parser
 from stages.finetune_config import FinetuneConfig
 from stages.progress import MetricsSink, quiet_ray_logs
-from stages.train_loop import EXPORT_DIR
+
+if TYPE_CHECKING:  # torch and the model load when a stage runs, not with the module: --help is instant
+    from smarttrim.pretraining import PretrainModel
 
 
 def load_pretrain_model(path: str | Path) -> PretrainModel:
     """The exported ``model/`` of a pre-training (the ITM model and its MLM head) as a ``PretrainModel``."""
+    from safetensors.torch import load_file
+
+    from smarttrim.io import load_model, read_config
+    from smarttrim.pretraining import MLM_HEAD_FILE, PretrainModel
+
     model = PretrainModel(read_config(path)[0])
     model.vlm.load_state_dict(load_model(path).state_dict())
     model.mlm_head.load_state_dict(load_file(Path(path) / MLM_HEAD_FILE))
@@ -53,6 +54,11 @@ def evaluate_pretraining(model_dir: str | Path, shards: str, split: str, batch_s
     """ITM accuracy (pairs of the deterministic ``pretrain`` collate: half hard negatives) and MLM accuracy (its
     masked tokens) of an exported pre-training on ``split`` (its first ``limit`` samples; None = all), and the
     MLM accuracy with each batch's images rolled by one (what the text alone gives: the gap is grounding)."""
+    import torch
+
+    from smarttrim.data.loader import LoaderConfig, make_loader, shard_tokenizer
+    from smarttrim.pretraining import pretrain_accuracy
+
     torch.set_num_threads(threads)
     model = load_pretrain_model(model_dir).eval()
     tokenizer = shard_tokenizer(shards, Path(model_dir) / "tokenizer")
@@ -86,6 +92,9 @@ def run(cfg: FinetuneConfig, val_split: str = "val", label: str | None = None,
         sink: MetricsSink | None = None) -> StageOutputs:
     """Pre-train as configured (``cfg.objective`` must be ``pretrain``), then evaluate the export on ``val_split``
     (``label``, ``sink``: as ``stages.finetune.run``'s)."""
+    from smarttrim.data.loader import read_manifest
+    from stages.train_loop import EXPORT_DIR
+
     if cfg.objective != "pretrain":
         raise ValueError(f"objective={cfg.objective!r}: the pre-training stage runs objective='pretrain'")
     manifest = read_manifest(cfg.shards)
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, finetune.FinetuneError) as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return 1
+    from stages.train_loop import EXPORT_DIR
+
     ev = result.metrics["evaluation"]
     print(f"{result.out}: {result.metrics['steps']} steps; {ev['split']}: ITM accuracy {ev['itm_accuracy']:.4f} "
           f"({ev['itm_pairs']} pairs, half hard negatives), MLM accuracy {ev['mlm_accuracy']:.4f} "

@@ -35,14 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
-from smarttrim.data.loader import LoaderConfig, make_loader
-from smarttrim.flops import count_flops, strip_padding
-from smarttrim.io import load_model
-from smarttrim.model import SmartTrimModel
 from stages.common import (
     ModelDataConfig,
     StageOutputs,
@@ -54,6 +48,11 @@ from stages.common import (
     write_outputs,
 )
 from stages.progress import Progress, say
+
+if TYPE_CHECKING:  # torch and the model load when a stage runs, not with the module: --help is instant
+    import torch
+
+    from smarttrim.model import SmartTrimModel
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,8 @@ class ProfileConfig(ModelDataConfig):
 
 def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
     """The untrimmed backbone with the same weights (the FLOPs reference)."""
+    from smarttrim.model import SmartTrimModel
+
     backbone = SmartTrimModel(model.config, None)
     backbone.load_backbone_state_dict(model.backbone_state_dict())
     return backbone.eval()
@@ -86,6 +87,8 @@ def backbone_of(model: SmartTrimModel) -> SmartTrimModel:
 def backbone_flops(backbone: SmartTrimModel, singles: list[dict[str, Any]]) -> list[int]:
     """torchprofile MACs of the untrimmed backbone per instance. Its work depends on the input's shape alone (the
     images have one size; the text length varies), so each distinct text length is traced once."""
+    from smarttrim.flops import count_flops
+
     by_length: dict[int, int] = {}
     out = []
     for one in singles:
@@ -98,6 +101,11 @@ def backbone_flops(backbone: SmartTrimModel, singles: list[dict[str, Any]]) -> l
 
 def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The subset as unpadded batches of one, and as batches of ``batch_size`` (for throughput)."""
+    import torch
+
+    from smarttrim.data.loader import LoaderConfig, make_loader
+    from smarttrim.flops import strip_padding
+
     tokenizer = stage_tokenizer(cfg)
     loader_cfg = LoaderConfig(batch_size=cfg.batch_size, image_size=model.config.image_size,
                               max_text_len=model.config.max_text_len)
@@ -114,6 +122,8 @@ def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall milliseconds of ``fn()``, CUDA synchronized before and after when on GPU."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -150,6 +160,8 @@ def _latency_stats(times: list[float]) -> dict[str, float | int]:
 def _side_by_side(cfg: ProfileConfig, models: Sequence[SmartTrimModel], singles: list[dict[str, Any]],
                   batches: list[dict[str, Any]], device: torch.device) -> tuple[list[list[float]], list[list[float]]]:
     """Warm up every model, then time them interleaved: single-instance times, then batch times (ms)."""
+    import torch
+
     fns = [lambda x, m=m: m(to_device(x, device)) for m in models]
     timer = partial(_timed, device=device)
     with torch.inference_mode():
@@ -185,6 +197,11 @@ def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> 
 def run(cfg: ProfileConfig, label: str | None = None) -> StageOutputs:
     """Profile ``cfg.model`` on ``cfg.instances`` instances of ``cfg.split``; writes JSON + PNG to ``cfg.out``.
     Progress lines name the model by ``label`` (default: the output directory's name)."""
+    import torch
+
+    from smarttrim.flops import count_flops
+    from smarttrim.io import load_model
+
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model).eval()

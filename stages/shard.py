@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 
 from smarttrim.atomic import replace_dir, temp_dir_beside
@@ -258,6 +257,8 @@ def shard_split(cfg: ShardConfig, split: str, tmp: Path, labels: dict[str, int],
                 prefix: str | None = None) -> SplitResult:
     """Write one split's shards into ``tmp``; raises the first ``DataError`` when ``on_error='fail'``
     (``prefix``: of the progress lines, e.g. ``[shard shapes-vqa]``; None: the output directory's name)."""
+    import webdataset as wds
+
     task = cfg.resolved_task
     result = SplitResult(split)
     total = min(_shapes_size(cfg, split), cfg.limit or sys.maxsize) if cfg.source == "shapes" else cfg.limit
