@@ -130,21 +130,18 @@ def job_status(address: str, submission_id: str, env: dict[str, str]) -> str | N
 
 
 def git_env(root: Path) -> dict[str, str]:
-    """The commit of the checkout being submitted (the uploaded working directory has no ``.git``): the pipeline tags
-    its MLflow runs with it (``pipeline.tracking.git_tags``)."""
-    def git(*a: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:
+    """The commit of the checkout being submitted (the uploaded working directory has no ``.git``), as the variables
+    ``pipeline.tracking.git_tags`` reads on the cluster to tag the job's MLflow runs; empty outside a checkout."""
+    sys.path.insert(0, str(root.resolve()))
+    try:
+        from pipeline import tracking
+    except ImportError:  # not the repository root: nothing to tag with
         return {}
-    status = git("status", "--porcelain")
-    return {"SMARTTRIM_GIT_COMMIT": commit, "SMARTTRIM_GIT_DIRTY": "unknown" if status is None else
-            "true" if status else "false"}
+    tags = tracking.git_tags(root.resolve())
+    if tracking.GIT_COMMIT_TAG not in tags:
+        return {}
+    return {tracking.GIT_COMMIT_ENV: tags[tracking.GIT_COMMIT_TAG],
+            tracking.GIT_DIRTY_ENV: tags.get(tracking.GIT_DIRTY_TAG, "unknown")}
 
 
 def runtime_env(args: argparse.Namespace) -> dict:

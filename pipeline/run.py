@@ -90,11 +90,9 @@ def plan_lines(stages: list[Stage], rerun: set[str]) -> list[str]:
     """``pipeline.run plan``: every stage of the command with its state: ``cached``, ``run`` (not done yet) or
     ``rerun`` (done, but ``--force`` recomputes it: named, or downstream of a named stage)."""
     width = max(len(s.id) for s in stages)
-    lines = []
-    for s in stages:
-        state = "rerun" if s.id in rerun and s.done() else "cached" if s.done() else "run"
-        lines.append(f"  {s.id:<{width}}  {state:<6}  {s.out}")
-    counts = {k: sum(line.split()[1] == k for line in lines) for k in ("cached", "run", "rerun")}
+    states = ["rerun" if s.id in rerun and s.done() else "cached" if s.done() else "run" for s in stages]
+    lines = [f"  {s.id:<{width}}  {state:<6}  {s.out}" for s, state in zip(stages, states, strict=True)]
+    counts = {k: states.count(k) for k in ("cached", "run", "rerun")}
     return [f"[plan] {len(stages)} stages: " + ", ".join(f"{v} {k}" for k, v in counts.items()), *lines]
 
 

@@ -516,6 +516,7 @@ class LiveTracking:
         return run_id
 
 
-__all__ = ["CHILD_TAG", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "GIT_COMMIT_TAG", "GIT_DIRTY_TAG", "LOGGED_TAG",
-           "PARENT_TAG", "SUPERSEDED_TAG", "LiveRun", "LiveTracking", "Tracker", "curve_name", "flatten", "git_tags",
-           "marker_digest", "stage_files", "stage_metrics", "tracking_env", "tracking_uri"]
+__all__ = ["CHILD_TAG", "GIT_COMMIT_ENV", "GIT_DIRTY_ENV", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "GIT_COMMIT_TAG",
+           "GIT_DIRTY_TAG", "LOGGED_TAG", "PARENT_TAG", "SUPERSEDED_TAG", "LiveRun", "LiveTracking", "Tracker",
+           "curve_name", "flatten", "git_tags", "marker_digest", "stage_files", "stage_metrics", "tracking_env",
+           "tracking_uri"]
