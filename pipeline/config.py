@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.storage import resolve_runs_dir, runs_dir_problem
+from pipeline.storage import Mirror, is_staged, mirror_for, resolve_runs_dir, runs_dir_problem
 from smarttrim.config import PRESETS, TrimConfig
 from smarttrim.data.shapes import SHAPES_SPLITS
 from smarttrim.training import TrainConfig
@@ -321,8 +321,12 @@ class PipelineConfig:
     sweep: SweepSection = field(default_factory=SweepSection)
     runs_dir: str = "runs"
     """Where results go: ``<runs_dir>/<name>/``. An absolute path or ``file://`` URI; a relative one is resolved
-    on the driver under ``$SMARTTRIM_RUNS_ROOT`` (the cluster's shared mount) or the working directory. On a
-    multi-node cluster it must be storage every node mounts (``pipeline.storage``)."""
+    on the driver under ``$SMARTTRIM_RUNS_ROOT`` (the cluster's shared mount) or the working directory; or an
+    object-store URI (``s3://bucket/prefix``, ``gs://...``), staged through node-local copies (``pipeline.storage``).
+    On a multi-node cluster a path must be storage every node mounts."""
+    runs_dir_mode: str = "auto"
+    """``auto`` (staged for an object-store URI, in place for a path), ``direct`` or ``staged`` (a path too: stages
+    work in node-local copies and store their results there, e.g. on a network file system slow for many reads)."""
     mlflow_experiment: str = "smarttrim"
 
     def __post_init__(self) -> None:
@@ -342,7 +346,7 @@ class PipelineConfig:
         tasks = [t.name for t in self.tasks]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks: duplicate names {tasks}")
-        problem = runs_dir_problem(self.runs_dir)
+        problem = runs_dir_problem(self.runs_dir, self.runs_dir_mode)
         if problem:
             raise ValueError(f"runs_dir={self.runs_dir!r}: {problem}")
         if self.sweep.task is not None and self.sweep.task not in tasks:
@@ -350,8 +354,16 @@ class PipelineConfig:
 
     @property
     def run_dir(self) -> Path:
-        """``<runs_dir>/<name>`` as an absolute path (``pipeline.storage.resolve_runs_dir``)."""
+        """``<runs_dir>/<name>`` as an absolute path (``pipeline.storage.resolve_runs_dir``); for a staged
+        ``runs_dir``, this node's copy of it (``mirror``)."""
+        if self.mirror is not None:
+            return Path(self.mirror.local)
         return resolve_runs_dir(self.runs_dir) / self.name
+
+    @property
+    def mirror(self) -> Mirror | None:
+        """The stored run directory and its node-local copy when ``runs_dir`` is staged, else None."""
+        return mirror_for(self.runs_dir, self.name) if is_staged(self.runs_dir, self.runs_dir_mode) else None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

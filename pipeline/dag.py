@@ -51,6 +51,9 @@ def run_stage(stage: Stage, sink: MetricsSink | None = None) -> dict[str, Any]:
     task_logging()
     start = time.perf_counter()
     LOG.info(f"[pipeline] {stage.id}: running")
+    if stage.mirror is not None:  # a staged run: this node's copies of the inputs are made the stored ones
+        for path in stage.inputs:
+            stage.mirror.pull(path)
     label = stage_label(stage)
     runner: dict[str, Callable[[Any], Any]] = {
         "shard": lambda c: shard.run(c, label), "finetune": lambda c: finetune.run(c, label, sink),
@@ -60,7 +63,10 @@ def run_stage(stage: Stage, sink: MetricsSink | None = None) -> dict[str, Any]:
     metrics = result.manifest if stage.kind == "shard" else result.metrics
     marker = {"id": stage.id, "out": str(stage.out), "seconds": time.perf_counter() - start, "node": _node(),
               "metrics": _summary(stage.kind, metrics)}
-    atomic_write(stage.marker, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2) + "\n"))
+    text = json.dumps(marker, indent=2) + "\n"
+    atomic_write(stage.marker, lambda tmp: Path(tmp).write_text(text))
+    if stage.mirror is not None:
+        stage.mirror.publish(stage.out, text)
     return marker
 
 
@@ -146,7 +152,7 @@ def execute(stages: list[Stage], profile_cpus: int = 1, force: tuple[str, ...] =
     queue: list[Stage] = []
     for stage in stages:
         if stage.done():
-            markers[stage.id] = json.loads(stage.marker.read_text())
+            markers[stage.id] = stage.read_marker()
             LOG.info(f"[pipeline] {stage.id}: cached")
             if on_done:
                 on_done(stage, markers[stage.id])
@@ -172,7 +178,8 @@ def execute(stages: list[Stage], profile_cpus: int = 1, force: tuple[str, ...] =
                 continue
             deps = [refs[d] for d in stage.deps if d in refs]
             sink = tracking.submit(stage) if tracking is not None else None
-            options = with_env(_remote_options(stage, profile_cpus, cluster_gpus), tracking.env() if tracking else {})
+            env = {**(tracking.env() if tracking else {}), **stage_env(stage)}
+            options = with_env(_remote_options(stage, profile_cpus, cluster_gpus), env)
             ref = remote.options(**options).remote(stage, *deps, sink=sink)
             LOG.debug(f"[pipeline] {stage.id}: submitted")
             refs[stage.id], pending[ref] = ref, stage
@@ -194,6 +201,7 @@ def execute(stages: list[Stage], profile_cpus: int = 1, force: tuple[str, ...] =
                 tracking.failed(stage)
         else:
             LOG.info(f"[pipeline] {stage.id}: {timing(markers[stage.id]['seconds'], elapsed)}")
+            fetch_summary(stage)
             if tracking is not None:
                 tracking.done(stage, markers[stage.id])
             if on_done:
@@ -204,6 +212,21 @@ def execute(stages: list[Stage], profile_cpus: int = 1, force: tuple[str, ...] =
     if failed:
         raise PipelineError(failed)
     return markers
+
+
+def stage_env(stage: Stage) -> dict[str, str]:
+    """Environment of a stage's Ray task: a staged run's mirror, for the processes the stage starts (Ray Train
+    workers on other nodes fetch their inputs with ``pipeline.storage.localize``)."""
+    from pipeline.storage import MIRROR_ENV
+
+    return {MIRROR_ENV: stage.mirror.to_env()} if stage.mirror is not None else {}
+
+
+def fetch_summary(stage: Stage) -> None:
+    """On the driver of a staged run: fetch a finished stage's own files (metrics, curves; not its weights) into
+    the local copy, for MLflow and the report. A no-op when ``runs_dir`` is read in place."""
+    if stage.mirror is not None:
+        stage.mirror.pull(stage.out, top_only=True)
 
 
 def timing(seconds: float, elapsed: float) -> str:
@@ -225,6 +248,9 @@ def _root_cause(err: BaseException) -> str:
 
 def clear(stage: Stage) -> None:
     """Forget a stage's result (``--force``): its marker, its output and, for training, its checkpoints."""
+    if stage.mirror is not None:  # the stored marker first: an interrupted clear leaves the stage not done
+        stage.mirror.delete(stage.marker)
+        stage.mirror.delete(stage.out)
     stage.marker.unlink(missing_ok=True)
     shutil.rmtree(stage.out, ignore_errors=True)
     if stage.kind in TRAINING_KINDS:
@@ -242,4 +268,5 @@ class PipelineError(RuntimeError):
         super().__init__(f"{len(failed)} stage(s) failed:\n{lines}")
 
 
-__all__ = ["PipelineError", "clear", "execute", "run_stage", "stage_label", "timing", "with_env"]
+__all__ = ["PipelineError", "clear", "execute", "fetch_summary", "run_stage", "stage_env", "stage_label", "timing",
+           "with_env"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ABLATIONS, BASELINES, DataConfig, PipelineConfig, TargetConfig, TaskConfig
+from pipeline.storage import Mirror
 from smarttrim.config import PRESETS, ModelConfig
 from smarttrim.data import shapes
 from stages.evaluate import EvaluateConfig
@@ -48,6 +49,10 @@ class Stage:
     deps: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
     """For the report: task, model name and kind (backbone | smarttrim | ablation | baseline), target, start."""
+    inputs: tuple[str, ...] = ()
+    """The output directories of ``deps`` (what a staged run fetches into the node's cache before the stage)."""
+    mirror: Mirror | None = None
+    """Where the run directory is stored when ``runs_dir`` is staged (``pipeline.storage``); markers are read there."""
 
     @property
     def out(self) -> Path:
@@ -58,7 +63,11 @@ class Stage:
         return self.out.with_name(self.out.name + ".done.json")
 
     def done(self) -> bool:
-        return self.marker.is_file()
+        return self.mirror.is_file(self.marker) if self.mirror is not None else self.marker.is_file()
+
+    def read_marker(self) -> dict[str, Any]:
+        text = self.mirror.read_text(self.marker) if self.mirror is not None else self.marker.read_text()
+        return dict(json.loads(text))
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
@@ -66,17 +75,23 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def stage_key(kind: str, cfg: Any, extra: dict[str, Any] | None = None) -> str:
+def stage_key(kind: str, cfg: Any, extra: dict[str, Any] | None = None, root: Path | None = None) -> str:
     """Content hash of a stage: its kind, its whole config except the output path, and ``extra`` (facts about
-    its inputs that the config does not show, e.g. the identity of a pre-trained model's weights)."""
+    its inputs that the config does not show, e.g. the identity of a pre-trained model's weights). Paths under
+    ``root`` (the run directory: the inputs' output directories) enter relative to it, so a key does not depend on
+    where the run directory is (a staged run's node-local copy, ``$SMARTTRIM_CACHE_DIR``, differs between
+    machines)."""
     data = {k: v for k, v in _config_dict(cfg).items() if k != "out"}
     blob = {"kind": kind, "config": data, **({"inputs": extra} if extra else {})}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    text = json.dumps(blob, sort_keys=True)
+    if root is not None:
+        text = text.replace(json.dumps(str(root) + "/")[1:-1], "$RUN_DIR/")
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _placed(kind: str, label: str, cfg: Any, root: Path, extra: dict[str, Any] | None = None) -> Any:
     """``cfg`` with its ``out`` set to ``<root>/<kind>/<label>-<key>``."""
-    return dataclasses.replace(cfg, out=str(root / kind / f"{label}-{stage_key(kind, cfg, extra)}"))
+    return dataclasses.replace(cfg, out=str(root / kind / f"{label}-{stage_key(kind, cfg, extra, root)}"))
 
 
 def smarttrim_trim(base: Any, target: TargetConfig, ablation: str | None = None, baseline: str | None = None) -> Any:
@@ -145,7 +160,20 @@ def finetune_config(cfg: PipelineConfig, task: TaskConfig | None, shards: str, t
         val_split=val_split, false_texts=false_texts,
         val_samples=val_samples, num_workers=workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
         threads=c.threads, deepspeed=c.deepspeed, checkpoint_every=every, keep_checkpoints=c.keep_checkpoints,
-        max_failures=c.max_failures, storage=c.storage)
+        max_failures=c.max_failures, storage=c.storage or staged_storage(cfg))
+
+
+def staged_storage(cfg: PipelineConfig) -> str | None:
+    """Ray Train's storage when ``runs_dir`` is staged and ``compute.storage`` unset: ``<stored run dir>/checkpoints``
+    (every node reaches it, as Ray Train needs; the node-local cache would not do for a multi-node run)."""
+    mirror = cfg.mirror
+    return f"{mirror.remote}/checkpoints" if mirror is not None else None
+
+
+def linked(stages: list[Stage], mirror: Mirror | None) -> list[Stage]:
+    """``stages`` with each one's ``inputs`` (its dependencies' output directories) and ``mirror`` filled in."""
+    outs = {s.id: str(s.out) for s in stages}
+    return [dataclasses.replace(s, inputs=tuple(outs[d] for d in s.deps if d in outs), mirror=mirror) for s in stages]
 
 
 def _shard(cfg: PipelineConfig, data: DataConfig, sid: str, label: str, root: Path, tokenizer: str | None,
@@ -167,8 +195,14 @@ def pretrain_stages(cfg: PipelineConfig, root: Path) -> list[Stage]:
     shard = _shard(cfg, cfg.pretrain.data, "shard/pretrain", "pretrain", root, None, (), {"task": "pretrain"},
                    PRETRAIN_TRAIN_SPLIT)
     pre = finetune_config(cfg, None, shard.config.out, None, None, None, objective="pretrain")
-    return [shard, Stage(PRETRAIN_ID, "pretrain", _placed("pretrain", "pretrain", pre, root), (shard.id,),
-                         {"task": "pretrain", "name": "pretrain", "kind": "pretrain"})]
+    return linked([shard, Stage(PRETRAIN_ID, "pretrain", _placed("pretrain", "pretrain", pre, root), (shard.id,),
+                                {"task": "pretrain", "name": "pretrain", "kind": "pretrain"})], _mirror(cfg, root))
+
+
+def _mirror(cfg: PipelineConfig, root: Path) -> Mirror | None:
+    """The run's mirror when ``root`` is its (staged) run directory."""
+    mirror = cfg.mirror
+    return mirror if mirror is not None and Path(mirror.local) == root else None
 
 
 def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
@@ -180,7 +214,9 @@ def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
     if pretrained is None and cfg.pretrain is not None:
         stages += pretrain_stages(cfg, root)
         pretrained, start_deps = str(stages[-1].out / "model"), (PRETRAIN_ID,)
-    identity = pretrained_identity(pretrained)
+    # a checkpoint given by path enters the keys by its identity; this graph's own pre-training by its key (its
+    # export's mtime would change the keys once it exists, and a staged run's driver may not have the file)
+    identity = pretrained_identity(pretrained) if cfg.model.pretrained else None
     for task in cfg.tasks:
         shard = _shard(cfg, task.data, f"shard/{task.name}", task.name, root, model_tokenizer(pretrained),
                        start_deps, {"task": task.name}, task.train_split)
@@ -207,7 +243,7 @@ def build_plan(cfg: PipelineConfig, root: Path | None = None) -> list[Stage]:
         stages += models
         for model in models:
             stages += measure_stages(cfg, task, shard, model, root)
-    return stages
+    return linked(stages, _mirror(cfg, root))
 
 
 def _finetune(cfg: PipelineConfig, task: TaskConfig, shards: str, trim: Any, init: str | None,
@@ -268,6 +304,7 @@ def forced(stages: list[Stage], force: list[str] | tuple[str, ...]) -> set[str]:
     return downstream(stages, named)
 
 
-__all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "downstream", "finetune_config", "forced", "measure_stages",
+__all__ = ["KINDS", "PRETRAIN_ID", "Stage", "build_plan", "downstream", "finetune_config", "forced", "linked",
+           "measure_stages",
            "model_image_size", "model_tokenizer", "model_vocab_size", "pretrain_stages", "pretrained_identity",
-           "smarttrim_trim", "stage_key"]
+           "smarttrim_trim", "staged_storage", "stage_key"]

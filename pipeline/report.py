@@ -52,7 +52,8 @@ def model_entry(meta: dict[str, Any], evaluation: dict[str, Any], profile: dict[
         "test": None if test is None else {
             "split": test["split"], "metric": test["metric"],
             "instances": test["instances"] if "instances" in test else test.get("images"),  # retrieval: images
-            "results_file": str(Path(str(test_dir), test["results_file"])) if test.get("results_file") else None},
+            "results_file": f"{str(test_dir).rstrip('/')}/{test['results_file']}"  # a path or a storage URI
+            if test.get("results_file") else None},
     }
 
 

@@ -18,14 +18,15 @@ resumes from its last checkpoint), and ``--force`` recomputes a stage kind (``fi
 (``finetune/shapes-vqa/smarttrim-2x``) and everything downstream of it (its evaluations and profiles); an unknown
 kind or id is refused with the list.
 Outputs: ``runs/<name>/results.json``, ``report.md``, ``pareto.png`` and the MLflow store ``mlflow.db``
-(``MLFLOW_TRACKING_URI`` overrides; browse with ``mlflow ui --backend-store-uri sqlite:///runs/<name>/mlflow.db``).
+(``MLFLOW_TRACKING_URI`` overrides; browse with ``mlflow ui --backend-store-uri sqlite:///runs/<name>/mlflow.db``);
+``runs_dir=s3://bucket/prefix`` (or ``gs://``) stores them in a bucket, stages working in node-local copies
+(``pipeline.storage``).
 ``key=value`` overrides use dotted paths into the YAML (``tasks.0.backbone.max_steps=50``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -65,12 +66,39 @@ def select(stages: list[Stage], command: str) -> list[Stage]:
 def _ensure_ray(cfg: PipelineConfig | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` (bounded: a dead address fails within 30 s), else start a local instance; then
     check that every node sees ``cfg``'s run directory (``pipeline.storage.check_visible``)."""
+    import os
+
     from pipeline.storage import check_visible
     from stages.ray_connect import connect
 
     LOG.info(f"[pipeline] Ray: {connect()}")
     if cfg is not None:
-        check_visible(cfg.run_dir)
+        nodes = check_visible(cfg.run_dir, mirror=cfg.mirror)
+        if cfg.mirror is not None and nodes > 1 and not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise ValueError(f"runs_dir={cfg.runs_dir!r} is staged on {nodes} nodes, and the default MLflow store "
+                             f"(a sqlite file in the run directory) is one node's file: set MLFLOW_TRACKING_URI to a "
+                             f"tracking server every node reaches (ray_cluster.yaml starts one on the head)")
+
+
+RUN_FILES = ("mlflow.db", "mlflow-artifacts", "pipeline.log", "results.json", "report.md", "pareto.png")
+"""The run directory's own files (not a stage's), which a staged run keeps in storage too."""
+
+
+def restore_run_files(cfg: PipelineConfig) -> None:
+    """A staged run on a driver without a local copy: fetch the stored MLflow store and log (so a rerun continues
+    them) before anything writes to them."""
+    if cfg.mirror is not None:
+        for name in RUN_FILES[:3]:
+            if not (cfg.run_dir / name).exists():
+                cfg.mirror.fetch(cfg.run_dir / name)
+
+
+def store_run_files(cfg: PipelineConfig) -> None:
+    """A staged run: upload the run directory's own files (report, MLflow store, log) to storage."""
+    if cfg.mirror is not None:
+        for name in RUN_FILES:
+            if (cfg.run_dir / name).exists():
+                cfg.mirror.push(cfg.run_dir / name)
 
 
 def forget_outside(plan: list[Stage], selected: list[Stage], rerun: set[str]) -> list[str]:
@@ -91,7 +119,8 @@ def plan_lines(stages: list[Stage], rerun: set[str]) -> list[str]:
     ``rerun`` (done, but ``--force`` recomputes it: named, or downstream of a named stage)."""
     width = max(len(s.id) for s in stages)
     states = ["rerun" if s.id in rerun and s.done() else "cached" if s.done() else "run" for s in stages]
-    lines = [f"  {s.id:<{width}}  {state:<6}  {s.out}" for s, state in zip(stages, states, strict=True)]
+    lines = [f"  {s.id:<{width}}  {state:<6}  {s.mirror.uri(s.out) if s.mirror is not None else s.out}"
+             for s, state in zip(stages, states, strict=True)]
     counts = {k: states.count(k) for k in ("cached", "run", "rerun")}
     return [f"[plan] {len(stages)} stages: " + ", ".join(f"{v} {k}" for k, v in counts.items()), *lines]
 
@@ -106,15 +135,25 @@ def report(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"report: stages not done yet: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          "(run `pipeline.run all`)")
-    markers = {s.id: json.loads(s.marker.read_text()) for s in stages}
+    from pipeline.dag import fetch_summary
+
+    for s in stages:
+        fetch_summary(s)  # a staged run: each stage's own files into the driver's copy (no weights)
+    markers = {s.id: s.read_marker() for s in stages}
+    by_id = {s.id: s for s in stages}
+
+    def where(path: Path) -> str:  # what the report names: the stored place of a staged run's files
+        return cfg.mirror.uri(path) if cfg.mirror is not None else str(path)
+
     models: list[tuple[Stage, dict[str, Any]]] = []
     for s in stages:
         if s.kind == "finetune":
             ev = markers[f"evaluate/{s.meta['task']}/{s.meta['name']}"]["metrics"]
             pr = markers[f"profile/{s.meta['task']}/{s.meta['name']}"]["metrics"]
-            test = markers.get(f"test/{s.meta['task']}/{s.meta['name']}")
-            models.append((s, model_entry(s.meta, ev, pr, str(s.out / "model"), None,
-                                          test and test["metrics"], test and test["out"])))
+            test_id = f"test/{s.meta['task']}/{s.meta['name']}"
+            test = markers.get(test_id)
+            models.append((s, model_entry(s.meta, ev, pr, where(s.out / "model"), None,
+                                          test and test["metrics"], test and where(by_id[test_id].out))))
     priors = []
     for task in cfg.tasks:
         metric_name = next(e["metric_name"] for _, e in models if e["task"] == task.name)
@@ -148,6 +187,9 @@ def pretrain(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         _ensure_ray(cfg)
     markers = execute(stages, force=tuple(rerun))
     shard, pre = stages
+    if pre.mirror is not None:  # publishing copies the export and reads the shards' manifest
+        pre.mirror.pull(shard.out)
+        pre.mirror.pull(pre.out)
     ev = markers[pre.id]["metrics"]["evaluation"]
     LOG.info(f"[pipeline] pre-trained model: {pre.out / 'model'} ({ev['split']}: ITM accuracy "
              f"{ev['itm_accuracy']:.4f}, MLM accuracy {ev['mlm_accuracy']:.4f})")
@@ -174,11 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.logs import setup_logging
     from pipeline.plan import build_plan, forced
     from pipeline.preflight import check_inputs
+    from pipeline.storage import StorageError
     from pipeline.tracking import LiveTracking
     from stages.ray_connect import RayConnectError
 
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command != "plan":
+            restore_run_files(cfg)
         setup_logging(cfg.run_dir)  # console + runs/<name>/pipeline.log, before Ray is imported (pipeline.logs)
         if args.command != "report":
             check_inputs(cfg, tasks=args.command != "pretrain")  # before any work: roots, splits, tokenizers
@@ -203,11 +249,15 @@ def main(argv: list[str] | None = None) -> int:
             execute(stages, profile_cpus=cfg.profile.cpus, force=tuple(rerun), tracking=LiveTracking.of(cfg, stages))
         if args.command in ("all", "report"):
             result = report(cfg, stages)
-            LOG.info(f"[pipeline] wrote {cfg.run_dir / 'results.json'}, report.md, pareto.png "
+            where = cfg.mirror.uri(cfg.run_dir) if cfg.mirror is not None else cfg.run_dir
+            LOG.info(f"[pipeline] wrote {where}/results.json, report.md, pareto.png "
                      f"({len(result['results'])} entries; MLflow: {result['mlflow']['tracking_uri']})")
-    except (ValueError, FileNotFoundError, PipelineError, RayConnectError) as err:
+    except (ValueError, OSError, PipelineError, RayConnectError, StorageError) as err:  # OSError: storage
         print(f"pipeline: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if cfg is not None and args.command != "plan":
+            store_run_files(cfg)  # a staged run: the report, MLflow store and log, also after a failure
     LOG.info(f"[pipeline] {args.command} finished in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,13 @@ def _trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     from stages.finetune_config import FinetuneConfig
     from stages.profile import ProfileConfig
     from stages.profile import run as profile
+    from stages.staging import MIRROR_ENV, Mirror, localize
 
     ft = FinetuneConfig.from_dict(base["finetune"])
+    mirror = Mirror(**json.loads(base["mirror"])) if base.get("mirror") else None
+    if mirror is not None:  # a staged run: the trial's inputs on this node, its Ray Train workers told where
+        os.environ[MIRROR_ENV] = base["mirror"]
+        localize(ft.shards, ft.init, ft.pretrained, ft.tokenizer, mirror=base["mirror"])
     trim = dataclasses.replace(ft.trim, **{k: config[k] for k in TRIM_FIELDS if k in config})
     key = hashlib.sha256(json.dumps(trim.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     out = Path(base["root"]) / f"trial-{key}"
@@ -76,6 +82,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any]) -> None:
                                      split=base["split"], threads=1)).metrics
         pr = profile(ProfileConfig(model=model, shards=ft.shards, out=str(out / f"profile-{rung}"),
                                    split=base["split"], threads=1, instances=base["instances"])).metrics
+        if mirror is not None:
+            mirror.push(out)  # the trial's model, evaluation and profile so far, in storage
         tune.report({"metric": ev["metric"], "gflops": pr["flops"]["mean"] / 1e9, "steps": result["steps"],
                      "latency_ms_bs1": pr["latency_ms_bs1"]["median"], "rung": rung, "trial_dir": str(out),
                      **{f"keep_{g}": v for g, v in ev["keep"].items()}})
@@ -110,14 +118,17 @@ def run_sweep(cfg: PipelineConfig) -> dict[str, Any]:
     per_trial = 1 + cfg.compute.num_workers * cfg.compute.cpus_per_worker
     concurrent = cfg.sweep.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
     scheduler = ASHAScheduler(max_t=cfg.sweep.rungs, grace_period=1, time_attr="rung") if cfg.sweep.asha else None
+    mirror = cfg.mirror
     base = {"finetune": base_ft.to_dict(), "root": str(root), "split": task.eval_split, "asha": cfg.sweep.asha,
-            "rungs": cfg.sweep.rungs, "instances": cfg.profile.instances}
+            "rungs": cfg.sweep.rungs, "instances": cfg.profile.instances,
+            "mirror": mirror.to_env() if mirror is not None else None}
+    tune_storage = mirror.uri(root / "tune") if mirror is not None else str(root / "tune")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, base=base), {"cpu": 1}),
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric="metric", mode="max", num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrent, scheduler=scheduler),
-        run_config=tune.RunConfig(name=f"sweep-{key}", storage_path=str(root / "tune")),
+        run_config=tune.RunConfig(name=f"sweep-{key}", storage_path=tune_storage),
     )
     grid = tuner.fit()
     tracker = Tracker(cfg.run_dir, cfg.mlflow_experiment, f"sweep-{key}", f"{cfg.name}-sweep",
@@ -141,6 +152,9 @@ def run_sweep(cfg: PipelineConfig) -> dict[str, Any]:
     atomic_write(root / "pareto.json", lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2) + "\n"))
     atomic_write(root / "pareto.png", lambda tmp: _plot(points, front, Path(tmp)))
     tracker.finish({"pareto_points": len(front)}, [root / "pareto.json", root / "pareto.png"])
+    if mirror is not None:
+        for name in ("pareto.json", "pareto.png"):
+            mirror.push(root / name)
     print(f"[sweep] {len(points)} trials, {len(front)} on the Pareto front: {root / 'pareto.json'}", flush=True)
     return out
 

@@ -181,7 +181,7 @@ def stage_metrics(stage: Stage, marker: dict[str, Any]) -> dict[str, float]:
 
 def stage_files(stage: Stage, marker: dict[str, Any]) -> list[Path]:
     """The files of a finished stage logged as artifacts under its folder."""
-    out = Path(marker.get("out") or stage.out)
+    out = stage.out  # not the marker's "out": a staged run's stage ran in another node's copy
     names = {"finetune": ("metrics.json", "history.jsonl", "curves.png"),
              "pretrain": ("metrics.json", "history.jsonl", "curves.png"),
              "evaluate": ("metrics.json",), "test": ("metrics.json",),
@@ -283,7 +283,7 @@ class Tracker:
         whose run has no curve yet: the curves from ``history.jsonl`` too), the marker's digest as a tag."""
         run = self.client.get_run(run_id)
         if folder(stage) in ("finetune", "pretrain") and not any(k.startswith("train/") for k in run.data.metrics):
-            history = Path(marker.get("out") or stage.out) / "history.jsonl"
+            history = stage.out / "history.jsonl"
             if history.is_file():
                 self.log_curves(run_id, [json.loads(line) for line in history.read_text().splitlines()])
         self._log_metrics(run_id, stage_metrics(stage, marker))

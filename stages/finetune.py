@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from stages.common import StageOutputs, apply_overrides, stage_parser, write_out
 from stages.finetune_config import FinetuneConfig, check_start, deepspeed_config
 from stages.progress import MetricsSink, quiet_ray_logs, say
 from stages.ray_connect import RayConnectError, connect
+from stages.staging import MIRROR_ENV
 
 # torch, Ray and the model load when a run starts, not with the module: --help is instant
 
@@ -88,7 +90,8 @@ def _trainer(cfg: FinetuneConfig, label: str | None = None, sink: MetricsSink | 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "label": label, "sink": sink},
+        train_loop_config={"config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "label": label, "sink": sink,
+                           "mirror": os.environ.get(MIRROR_ENV)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

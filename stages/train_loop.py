@@ -43,6 +43,7 @@ from smarttrim.training import lr_lambda, param_groups
 from stages.common import instance_scores, to_device
 from stages.finetune_config import FinetuneConfig, build_initial_model, deepspeed_config, epoch_schedule
 from stages.progress import MetricsSink, eta, say
+from stages.staging import localize
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "trainer_state.json"
@@ -229,8 +230,9 @@ class Validation:
 def train_loop(payload: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function. ``payload``: ``config`` (``FinetuneConfig.to_dict()``), ``fingerprint``, and
     optionally ``label`` (the name progress lines give the model, e.g. ``shapes-vqa/smarttrim-2x``; default: the run
-    name) and ``sink`` (a ``MetricsSink`` rank 0 logs every curve row and validation to, as they are measured; neither
-    enters the fingerprint)."""
+    name), ``sink`` (a ``MetricsSink`` rank 0 logs every curve row and validation to, as they are measured) and
+    ``mirror`` (a staged run's ``stages.staging.Mirror.to_env()``: where to fetch inputs from); none enters the
+    fingerprint."""
     import ray.train
 
     sink: MetricsSink | None = payload.get("sink") if ray.train.get_context().get_world_rank() == 0 else None
@@ -255,6 +257,8 @@ def _train(payload: dict[str, Any], sink: MetricsSink | None) -> dict[str, Any]:
     import ray.train.torch
 
     cfg = FinetuneConfig.from_dict(payload["config"])
+    # a staged run (pipeline.storage): the inputs on this worker's node
+    localize(cfg.shards, cfg.init, cfg.pretrained, cfg.tokenizer, mirror=payload.get("mirror"))
     prefix = f"[{'pretrain' if cfg.objective == 'pretrain' else 'finetune'} {payload.get('label') or cfg.name}]"
     tcfg = cfg.train
     ctx = ray.train.get_context()

@@ -1,6 +1,8 @@
 """``pipeline/configs/paper.yaml`` as a user runs it: only the data roots, the tokenizer and the METER checkpoint are
 the user's, everything else is the file's (tasks, splits, targets, ablations, recipes, GPU settings), shrunk to tiny
-sizes and steps; ``runs_dir`` and Ray Train's ``compute.storage`` are ``file://`` URIs. The data are small sets in
+sizes and steps; ``runs_dir`` and Ray Train's ``compute.storage`` are ``file://`` URIs, and ``runs_dir`` is staged as an
+object store is (``runs_dir_mode: staged``: stages work in node-local copies, results stored through pyarrow; a second
+driver with an empty cache then plans, reports and re-evaluates from the store alone). The data are small sets in
 the four sources' official layouts, the checkpoint carries the key names of an official METER pre-training
 checkpoint (``tests/test_checkpoints.py``'s mirror of METER's modules)."""
 
@@ -18,6 +20,7 @@ from test_checkpoints import _meter_mirror, _meter_state, _save
 
 import smarttrim
 from pipeline.config import load_config
+from pipeline.storage import CACHE_ENV
 from smarttrim.data.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +52,23 @@ def test_paper_config_runs_with_only_the_users_paths(tmp_path: Path) -> None:
     roots = {"vqa": "vqa_v2", "nlvr2": "nlvr2", "snli-ve": "snli_ve", "flickr30k": "flickr30k"}
     storage = tmp_path / "checkpoints"  # Ray Train's storage as a URI, through pyarrow as for s3:// or gs://
     paths = [f"model.pretrained={checkpoint}", f"runs_dir={(tmp_path / 'runs').as_uri()}",  # file:///...
-             f"compute.storage={storage.as_uri()}"]
+             "runs_dir_mode=staged", f"compute.storage={storage.as_uri()}"]
     steps = []
     for i, task in enumerate(cfg.tasks):
         paths += [f"tasks.{i}.data.root={data / roots[task.name]}", f"tasks.{i}.data.tokenizer={tokenizer}"]
         steps += [f"tasks.{i}.data.shard_size=40"] + [
             f"tasks.{i}.{recipe}.{k}={v}" for recipe in ("backbone", "smarttrim")
             for k, v in (("max_steps", 2), ("batch_size", 8), ("grad_accum", 1), ("log_every", 1))]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    done = subprocess.run([sys.executable, "-m", "pipeline.run", "all", "--config", "pipeline/configs/paper.yaml",
-                           *paths, *TINY, *steps], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-4000:]
+    def pipeline(command: str, cache: str, *extra: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        env[CACHE_ENV] = str(tmp_path / cache)  # this "node's" local copies
+        done = subprocess.run([sys.executable, "-m", "pipeline.run", command, "--config", "pipeline/configs/paper.yaml",
+                               *paths, *TINY, *steps, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=1800)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done
+
+    pipeline("all", "cache-a")
 
     report = json.loads((tmp_path / "runs" / "paper" / "results.json").read_text())
     models = [e for e in report["results"] if e["kind"] != "prior"]
@@ -90,3 +99,28 @@ def test_paper_config_runs_with_only_the_users_paths(tmp_path: Path) -> None:
     assert set(tested) == {"nlvr2", "snli-ve"} and tested["nlvr2"]["instances"] == len(nlvr2["test1"])
     retrieval = [e for e in models if e["task"] == "flickr30k"]
     assert all(e["metric_name"] == "mean_recall" for e in retrieval)
+
+    assert all(e["model_dir"].startswith(str(tmp_path / "runs" / "paper" / "finetune")) for e in models), \
+        "the report names the stored models"
+
+    # a second driver, nothing local: the store alone says what is done, and gives the report its numbers
+    plan = pipeline("plan", "cache-b").stdout
+    assert f"{len(list((tmp_path / 'runs' / 'paper').glob('*/*.done.json')))} cached, 0 run" in plan, plan[:300]
+    (tmp_path / "runs" / "paper" / "results.json").unlink()
+    pipeline("report", "cache-b")
+    assert json.loads((tmp_path / "runs" / "paper" / "results.json").read_text())["results"] == report["results"]
+    fetched = [p for p in (tmp_path / "cache-b").rglob("*") if p.is_file()]
+    assert not [p for p in fetched if p.suffix in (".tar", ".safetensors") or "model" in p.parts], \
+        "the driver fetched metrics and curves, not weights or shards"
+    # a forced evaluation on that driver's node fetches its model and shards; the first copy is then stale
+    evaluation = "evaluate/snli-ve/smarttrim-2x"
+    before = next(m for m in (tmp_path / "runs" / "paper" / "evaluate").glob("snli-ve-smarttrim-2x-*.done.json")
+                  if json.loads(m.read_text())["id"] == evaluation)  # not test/snli-ve/smarttrim-2x's
+    old = json.loads(before.read_text())
+    pipeline("evaluate", "cache-b", "--force", evaluation)
+    new = json.loads(before.read_text())
+    assert new["seconds"] != old["seconds"] and new["metrics"]["metric"] == old["metrics"]["metric"]
+    assert list((tmp_path / "cache-b").rglob("snli-ve-smarttrim-2x-*/model/model.safetensors"))
+    pipeline("report", "cache-a")
+    copy = next((tmp_path / "cache-a").rglob(before.name))
+    assert json.loads(copy.read_text()) == new, "the first driver's stale copy was fetched again"

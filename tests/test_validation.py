@@ -74,7 +74,7 @@ def test_unknown_preset_is_a_config_error(tmp_path: Path, capsys: pytest.Capture
     ("tasks.0.backbone.lrr=1", "tasks[0].backbone.lrr: unknown key"),
     ("tasks.0.eval_split=vall", "eval_split='vall': the shapes source has splits"),
     ("evaluate.device=gpu", "evaluate.device='gpu': must be one of ('cpu', 'cuda', 'auto')"),
-    ("runs_dir=s3://bucket/runs", "runs_dir='s3://bucket/runs': s3:// storage is not read or written directly"),
+    ("runs_dir=ftp://host/runs", "runs_dir='ftp://host/runs': ftp:// is not a storage this pipeline reaches"),
 ])
 def test_bad_overrides_name_the_path(override: str, message: str, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
