@@ -14,8 +14,10 @@ upstream and METER checkpoints load without renaming inside a layer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +189,79 @@ def head_slice(layer: nn.Linear, index: Tensor, num_heads: int, dim: int, parts:
     return weight, bias
 
 
+@functools.lru_cache(maxsize=4096)
+def head_runs(key: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The kept heads ``key`` (ascending) as maximal runs of consecutive heads, ``(start, stop)`` each: the
+    weight rows (or columns) of a run are one contiguous block (a view), so a run is one matmul, no copy."""
+    runs: list[tuple[int, int]] = []
+    for h in key:
+        if runs and runs[-1][1] == h:
+            runs[-1] = (runs[-1][0], h + 1)
+        else:
+            runs.append((h, h + 1))
+    return tuple(runs)
+
+
+_MAJOR: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[Any, Tensor, Tensor | None]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def head_major(owner: nn.Module, blocks: tuple[tuple[Tensor, Tensor | None], ...], num_heads: int,
+               tag: str) -> tuple[Tensor, Tensor | None]:
+    """The projections ``blocks`` (each a (H*Dh, D) weight and its bias: e.g. Q, K, V) interleaved per head:
+    rows [h*P*Dh, (h+1)*P*Dh) hold head h's P blocks, so every run of consecutive heads is one contiguous block of
+    rows for all P projections at once. Built once per weight version (inference; cached on ``owner``)."""
+    version = tuple((w._version, w.data_ptr(), None if b is None else b._version) for w, b in blocks)
+    cache = _MAJOR.setdefault(owner, {})
+    hit = cache.get((tag,))
+    if hit is not None and hit[0] == version:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        d_in = blocks[0][0].shape[1]
+        weight = torch.stack([w.view(num_heads, -1, d_in) for w, _ in blocks], 1).reshape(-1, d_in).contiguous()
+        bias = None
+        if all(b is not None for _, b in blocks):
+            bias = torch.stack([b.view(num_heads, -1) for _, b in blocks], 1).reshape(-1).contiguous()
+    cache[(tag,)] = (version, weight, bias)
+    return weight, bias
+
+
+def project_runs(x: Tensor, weight: Tensor, bias: Tensor | None, runs: tuple[tuple[int, int], ...],
+                 parts: int, dh: int) -> list[Tensor]:
+    """x (B, N, D) through a head-major ``weight`` (``head_major``) restricted to ``runs`` of heads: one matmul per
+    run on a view of its rows -> ``parts`` tensors (B, Hk, N, Dh), the kept heads in order."""
+    b, n, _ = x.shape
+    step = parts * dh
+    outs = []
+    for start, stop in runs:
+        rows = slice(start * step, stop * step)
+        y = F.linear(x, weight[rows], None if bias is None else bias[rows])  # (B, N, run*P*Dh)
+        outs.append(y.view(b, n, stop - start, parts, dh))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (B, N, Hk, P, Dh)
+    return [y[:, :, :, p].transpose(1, 2) for p in range(parts)]
+
+
+def output_runs(ctx: Tensor, out: nn.Linear, runs: tuple[tuple[int, int], ...], dh: int) -> Tensor:
+    """The output projection of the kept heads: ctx (B, N, Hk*Dh), the heads of ``runs`` in order -> (B, N, D_out),
+    one accumulating matmul per run on views of ctx's and the weight's columns (no copy)."""
+    b, n, _ = ctx.shape
+    flat = ctx.reshape(b * n, -1)
+    weight = out.weight
+    y = None
+    col = 0
+    for start, stop in runs:
+        width = (stop - start) * dh
+        w = weight[:, start * dh: stop * dh].t()  # (run*Dh, D_out) view
+        part = flat[:, col: col + width]
+        if y is None:
+            y = torch.addmm(out.bias, part, w) if out.bias is not None else part @ w
+        else:
+            y.addmm_(part, w)
+        col += width
+    assert y is not None
+    return y.view(b, n, -1)
+
+
 def _linear(x: Tensor, layer: nn.Linear, heads: Heads | None, num_heads: int, parts: int = 1) -> Tensor:
     """``layer(x)`` restricted to the output features of the computed heads (None / no index: every head)."""
     if heads is None or heads.index is None:
@@ -236,6 +311,70 @@ def multi_head_attention(
                     out.bias)
 
 
+_FAST = True
+"""Whether the inference fast paths run (``reference_path`` switches them off, for equivalence tests and benches)."""
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Within the block, inference runs the reference pruning path (head weights sliced per kept-head set, every
+    instance padded to the longest) instead of the fast paths: the two must give the same values."""
+    global _FAST
+    previous, _FAST = _FAST, False
+    try:
+        yield
+    finally:
+        _FAST = previous
+
+
+def fast_paths() -> bool:
+    """Whether the inference fast paths are on (outside ``reference_path``)."""
+    return _FAST
+
+
+def _runs_path(heads: Heads | None) -> bool:
+    """Whether attention runs its kept heads by runs of consecutive heads (``head_attention``): inference with
+    some heads pruned for the whole batch."""
+    return _FAST and heads is not None and heads.index is not None and not torch.is_grad_enabled()
+
+
+Block = tuple[Tensor, Tensor | None]
+
+
+def head_attention(x_q: Tensor, x_kv: Tensor | None, owner: nn.Module, q: Block, k: Block, v: Block, out: nn.Linear,
+                   num_heads: int, key_keep: Tensor | None, heads: Heads,
+                   q_norm: Callable[[Tensor], Tensor] | None = None,
+                   k_norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Inference attention over the kept heads ``heads.index`` without copying weight slices: the kept heads
+    split into runs of consecutive heads (``head_runs``); each run's Q, K, V rows are one contiguous block of a
+    head-major copy of the projections made once per weight version (``head_major``), and the output projection
+    accumulates one matmul per run on column views. ``x_kv`` None: self-attention (Q, K and V in one matmul per
+    run); else Q from ``x_q``, K and V (one matmul per run) from ``x_kv``. The same values as
+    ``multi_head_attention`` with the same ``heads`` (per-instance gates included)."""
+    assert heads.index is not None
+    key = heads.key if heads.key is not None else tuple(heads.index.tolist())
+    if not key:  # every head pruned for the whole batch: only the output bias remains
+        b, nq = x_q.shape[:2]
+        return out.bias.expand(b, nq, -1) if out.bias is not None else x_q.new_zeros(b, nq, out.out_features)
+    runs = head_runs(key)
+    dh = out.in_features // num_heads
+    if x_kv is None:
+        weight, bias = head_major(owner, (q, k, v), num_heads, "qkv")
+        qh, kh, vh = project_runs(x_q, weight, bias, runs, 3, dh)
+    else:
+        qh, = project_runs(x_q, q[0], q[1], runs, 1, dh)  # one projection: head-major already
+        weight, bias = head_major(owner, (k, v), num_heads, "kv")
+        kh, vh = project_runs(x_kv, weight, bias, runs, 2, dh)
+    if q_norm is not None:
+        qh, kh = q_norm(qh), k_norm(kh) if k_norm is not None else kh
+    mask = None if key_keep is None else (key_keep > 0)[:, None, None, :]  # (B, 1, 1, Nk)
+    ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # (B, Hk, Nq, Dh)
+    if heads.gate is not None:
+        ctx = ctx * heads.gate[:, :, None, None]
+    b, _, nq, _ = ctx.shape
+    return output_runs(ctx.transpose(1, 2).reshape(b, nq, -1), out, runs, dh)
+
+
 def vit_block_forward(block: nn.Module, x: Tensor, key_keep: Tensor | None, heads: Heads | None) -> Tensor:
     """timm ``Block.forward`` on our attention (same modules, same order: norm1, attn, ls1, drop_path...).
 
@@ -244,10 +383,17 @@ def vit_block_forward(block: nn.Module, x: Tensor, key_keep: Tensor | None, head
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, v = _linear(h, attn.qkv, heads, attn.num_heads, parts=3).chunk(3, dim=-1)  # each (B, N, Hk*Dh)
-    p = attn.attn_drop.p if block.training else 0.0
-    h = multi_head_attention(h, h, q, k, v, attn.proj, attn.num_heads, key_keep, heads, p,
-                             q_norm=attn.q_norm, k_norm=attn.k_norm)
+    if heads is not None and _runs_path(heads):
+        w, b = attn.qkv.weight, attn.qkv.bias
+        d = w.shape[0] // 3
+        blocks = [(w[i * d:(i + 1) * d], None if b is None else b[i * d:(i + 1) * d]) for i in range(3)]
+        h = head_attention(h, None, attn, *blocks, attn.proj, attn.num_heads, key_keep, heads,
+                           q_norm=attn.q_norm, k_norm=attn.k_norm)
+    else:
+        q, k, v = _linear(h, attn.qkv, heads, attn.num_heads, parts=3).chunk(3, dim=-1)  # each (B, N, Hk*Dh)
+        p = attn.attn_drop.p if block.training else 0.0
+        h = multi_head_attention(h, h, q, k, v, attn.proj, attn.num_heads, key_keep, heads, p,
+                                 q_norm=attn.q_norm, k_norm=attn.k_norm)
     x = x + block.drop_path1(block.ls1(attn.proj_drop(h)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
@@ -326,9 +472,14 @@ class BertAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, key_keep: Tensor | None, heads: Heads | None) -> Tensor:
         """x (B, Nq, D) attends to context (B, Nk, D) -> (B, Nq, D)."""
         s, o = self.self, self.output
-        p = self.dropout_p if self.training else 0.0
-        h = multi_head_attention(x, context, s.query, s.key, s.value, o.dense, self.num_heads, key_keep,
-                                 heads, p)
+        if heads is not None and _runs_path(heads):
+            h = head_attention(x, None if context is x else context, s, (s.query.weight, s.query.bias),
+                               (s.key.weight, s.key.bias), (s.value.weight, s.value.bias), o.dense, self.num_heads,
+                               key_keep, heads)
+        else:
+            p = self.dropout_p if self.training else 0.0
+            h = multi_head_attention(x, context, s.query, s.key, s.value, o.dense, self.num_heads, key_keep,
+                                     heads, p)
         return o.LayerNorm(_drop(o.dropout, h) + x)
 
 

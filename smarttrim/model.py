@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from transformers import RobertaConfig, RobertaModel
 
 from smarttrim.config import ModelConfig, TrimConfig, model_config
-from smarttrim.layers import CrossLayer, Heads, Pooler, Stream, roberta_forward, vit_block_forward
+from smarttrim.layers import CrossLayer, Heads, Pooler, Stream, fast_paths, roberta_forward, vit_block_forward
 from smarttrim.losses import cost_loss, distill_kl, task_loss
+from smarttrim.packed import cross_layer_packed, vit_block_packed
 from smarttrim.trimmers import FusedGuides, HeadTrimmer, RandomTokenTrimmer, TokenTrimmer, decide, fusable, random_rate
 
 GROUPS = ("vision_tokens", "text_tokens", "heads")
@@ -300,6 +301,12 @@ class _Run:
         return Heads.from_decision(decision, self.prune)
 
 
+def packs(run: _Run) -> bool:
+    """Whether layers whose instances keep different numbers of tokens run on the packed kept tokens
+    (``smarttrim.packed``): inference on the pruning path, fast paths on (``layers.reference_path`` turns them off)."""
+    return run.prune and fast_paths() and not torch.is_grad_enabled()
+
+
 class SmartTrimModel(nn.Module):
     """METER + SmartTrim. ``trim=None`` is the plain backbone (same backbone parameter names)."""
 
@@ -517,7 +524,11 @@ class SmartTrimModel(nn.Module):
             s = run.tokens(s, "vision_tokens", layer, s.x[:, 0], text_cls, f"vision.{layer}.tokens",
                            "vision_tokens")
             heads = run.heads("vision_heads", layer, s.x[:, 0], f"vision.{layer}.heads")
-            s = s.with_x(vit_block_forward(block, s.x, s.key_mask(), heads))
+            keys = s.key_mask()
+            if keys is not None and packs(run):  # instances kept different numbers of tokens
+                s = s.with_x(vit_block_packed(block, s.x, keys, heads))
+            else:
+                s = s.with_x(vit_block_forward(block, s.x, keys, heads))
         return s.with_x(vit.norm(s.x))
 
     def _fuse(self, pixel_values: Tensor, text: Tensor, text_mask: Tensor, image_type: Tensor,
@@ -554,8 +565,15 @@ class SmartTrimModel(nn.Module):
             i_mca = run.heads("image_mca_heads", layer, (c_i, c_t), f"cross.image.{layer}.mca_heads",
                               g.get("image_mca_heads"), f.get("image_mca_heads"))
             t_keys, i_keys = t.key_mask(), i.key_mask()
-            x_t = text_layer(t.x, i.x, t_keys, i_keys, t_msa, t_mca)
-            x_i = image_layer(i.x, t.x, i_keys, t_keys, i_msa, i_mca)
+            packed = packs(run)
+            if packed and t_keys is not None:  # the text stream's instances keep different numbers of tokens
+                x_t = cross_layer_packed(text_layer, t.x, i.x, t_keys, i_keys, t_msa, t_mca)
+            else:
+                x_t = text_layer(t.x, i.x, t_keys, i_keys, t_msa, t_mca)
+            if packed and i_keys is not None:
+                x_i = cross_layer_packed(image_layer, i.x, t.x, i_keys, t_keys, i_msa, i_mca)
+            else:
+                x_i = image_layer(i.x, t.x, i_keys, t_keys, i_msa, i_mca)
             t, i = t.with_x(x_t), i.with_x(x_i)
         pooled = torch.cat([bb.cross_modal_text_pooler(t.x), bb.cross_modal_image_pooler(i.x)], dim=-1)
         return pooled, t, i

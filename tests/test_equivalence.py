@@ -323,3 +323,103 @@ def test_fused_guides_equal_the_separate_networks_and_follow_weight_updates() ->
         assert tr.fused_guides(0) is not first
         torch.testing.assert_close(tr.fused_guides(0)(c_t, c_i)[0]["image_mca_heads"], separate(0)["image_mca_heads"],
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fast_paths_equal_the_reference_pruning_path(task: str, grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inference fast paths (packed kept tokens; kept heads by runs of consecutive heads on a head-major weight
+    copy, no per-call weight slices; instances that keep different heads run as their union or, ``grouped``, in
+    groups of equal heads) give the reference pruning path's values, on a mixed batch whose instances keep different
+    tokens and heads and on its instances alone; and they really run (counted)."""
+    from smarttrim import layers, packed
+
+    if grouped:  # grouping whenever it saves any work (at this size the cost model keeps the union)
+        monkeypatch.setattr(packed, "OP_OVERHEAD_MACS", 0)
+    groups = {"n": 0}
+    real_groups = packed.head_groups
+
+    def counted_groups(*args: object, **kwargs: object) -> list[packed.HeadGroup] | None:
+        found = real_groups(*args, **kwargs)
+        groups["n"] += found is not None
+        return found
+
+    monkeypatch.setattr(packed, "head_groups", counted_groups)
+
+    torch.manual_seed(5)
+    model = tiny(task, trim=smarttrim.TrimConfig(vision_head_trim=True)).eval()
+    randomize_trimmers(model, seed=5)
+    batch = model.dummy_batch(6, seed=5)
+    _mix_head_decisions(model, batch)
+    calls = {"fast": 0, "gated": 0}
+    real, decide = layers.head_attention, layers.Heads.from_decision
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["fast"] += 1
+        return real(*args, **kwargs)
+
+    def gated(decision: torch.Tensor, prune: bool) -> layers.Heads:
+        heads = decide(decision, prune)
+        calls["gated"] += heads.gate is not None  # instances of the batch keep different heads
+        return heads
+
+    monkeypatch.setattr(layers, "head_attention", counted)
+    monkeypatch.setattr(layers.Heads, "from_decision", staticmethod(gated))
+    with torch.no_grad():
+        fast = model(batch)
+        fast_singles = [model(instance(batch, i)) for i in range(6)]
+        ran = calls["fast"]
+        with layers.reference_path():
+            ref = model(batch)
+            ref_singles = [model(instance(batch, i)) for i in range(6)]
+    assert ran > 0 and calls["fast"] == ran, "the fast path ran, and the reference path did not use it"
+    assert calls["gated"] > 0, "some module of the batch ran instances that keep different heads"
+    assert (groups["n"] > 0) == grouped, "grouped by their heads exactly when asked"
+    torch.testing.assert_close(fast.logits, ref.logits, atol=ATOL, rtol=0)
+    for f, r in zip(fast_singles, ref_singles, strict=True):
+        torch.testing.assert_close(f.logits, r.logits, atol=ATOL, rtol=0)
+    for name in ref.keep:
+        torch.testing.assert_close(fast.keep[name], ref.keep[name])
+
+
+def _mix_head_decisions(model: smarttrim.SmartTrimModel, batch: dict[str, torch.Tensor]) -> None:
+    """Make every head trimmer's decisions differ between the instances of ``batch``: its scores become 100x their
+    deviation from their mean over the batch (a random tiny model's [CLS] features, which head trimmers read, barely
+    differ between instances, so their decisions would all agree)."""
+    from smarttrim.trimmers import HeadTrimmer
+
+    seen: dict[HeadTrimmer, torch.Tensor] = {}
+    trimmers = [m for m in model.trimmers.modules() if isinstance(m, HeadTrimmer)]
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, out.detach().mean(0))) for m in trimmers]
+    with torch.enable_grad():  # the unfused path: each head trimmer runs as a module (hooks see it)
+        model(batch)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for m in trimmers:
+            last = m.output_layer
+            last.bias.sub_(seen[m]).mul_(100.0)
+            last.weight.mul_(100.0)
+
+
+def test_head_runs_and_head_major_layout() -> None:
+    from smarttrim.layers import head_major, head_runs, output_runs, project_runs
+
+    assert head_runs((0, 1, 2, 5, 7, 8)) == ((0, 3), (5, 6), (7, 9)) and head_runs(()) == ()
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(12, 12) for _ in range(3))  # 3 heads of 4
+    owner = torch.nn.Module()
+    weight, bias = head_major(owner, tuple((m.weight, m.bias) for m in (q, k, v)), 3, "qkv")
+    assert head_major(owner, tuple((m.weight, m.bias) for m in (q, k, v)), 3, "qkv")[0] is weight, "cached"
+    x = torch.randn(2, 5, 12)
+    qh, kh, vh = project_runs(x, weight, bias, head_runs((0, 2)), 3, 4)
+    for got, lin in ((qh, q), (kh, k), (vh, v)):
+        full = lin(x).view(2, 5, 3, 4).transpose(1, 2)  # (B, H, N, Dh)
+        torch.testing.assert_close(got, full[:, [0, 2]])
+    out = torch.nn.Linear(12, 7)
+    ctx = torch.randn(2, 5, 8)  # heads 0 and 2
+    ref = torch.nn.functional.linear(ctx, out.weight[:, [0, 1, 2, 3, 8, 9, 10, 11]], out.bias)
+    torch.testing.assert_close(output_runs(ctx, out, head_runs((0, 2)), 4), ref)
+    with torch.no_grad():
+        q.weight.add_(1.0)  # a new weight version: rebuilt
+    assert not torch.equal(head_major(owner, tuple((m.weight, m.bias) for m in (q, k, v)), 3, "qkv")[0], weight)

@@ -1,0 +1,27 @@
+"""``bench/adaptive_inference.py`` at meter-tiny: its calibration reaches the FLOPs targets with decisions that differ
+per instance, the static reference matches SmartTrim's FLOPs, and the JSON holds every model's ratios at every batch
+size (the speed figures themselves are measured at meter-base, README "Does it get faster?")."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import bench_module
+
+
+def test_adaptive_bench_calibrates_targets_and_reports_every_model(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = bench_module("adaptive_inference")
+    out = bench.main(["--preset", "meter-small", "--instances", "16", "--single-instances", "4", "--batch-sizes",
+                      "1,8", "--repeats", "1", "--targets", "2", "--search-steps", "4"])
+    results = out["results"]
+    assert set(results) == {"backbone", "keep_all", "smarttrim-2x", "static-2x"}
+    st, static = results["smarttrim-2x"], results["static-2x"]
+    assert st["flops_reduction"] == pytest.approx(2.0, rel=0.15), "calibrated to the target"
+    assert st["mmacs_min"] < st["mmacs_max"], "instances cost different amounts: decisions differ per instance"
+    assert static["mmacs"] == pytest.approx(st["mmacs"], rel=0.1), "the static reference at equal FLOPs"
+    assert results["keep_all"]["flops_reduction"] == pytest.approx(1.0, abs=0.03), "keep-all trims nothing"
+    for name, entry in results.items():
+        assert entry["bs1"]["latency_ms"] > 0 and entry["bs8"]["throughput_per_s"] > 0, name
+        if name != "backbone":
+            assert entry["bs8"]["efficiency"] == pytest.approx(
+                entry["bs8"]["throughput_speedup"] / entry["flops_reduction"], rel=0.01), name
+    assert capsys.readouterr().out.lstrip().startswith("{"), "stdout is the JSON alone"
