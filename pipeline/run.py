@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if cfg is not None and args.command != "plan":
-            store_run_files(cfg)  # a staged run: the report, MLflow store and log, also after a failure
+            try:
+                store_run_files(cfg)  # a staged run: the report, MLflow store and log, also after a failure
+            except (OSError, StorageError) as err:  # the storage itself failing: said once above, or now
+                print(f"pipeline: warning: the run's files stay in {cfg.run_dir}: {err}", file=sys.stderr)
     LOG.info(f"[pipeline] {args.command} finished in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -176,13 +176,22 @@ def test_an_object_store_runs_dir_validates_and_plans_without_reaching_the_store
         load_config(ROOT / "pipeline/configs/quickstart.yaml", ["runs_dir=s3://bucket/x", "runs_dir_mode=direct"])
 
 
-def test_unreachable_storage_is_an_error_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_storage_is_an_error_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """HDFS without a JVM fails at once here; an unreachable bucket fails the same way, after the network timeout."""
     from pipeline.run import main
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    local = Path(mirror_for("hdfs://nohost:1/x", "quickstart").local)
+    local.mkdir(parents=True)
+    (local / "pipeline.log").write_text("an earlier run's log, which the end of a command would store\n")
 
     broken = Mirror(remote="hdfs://nohost:1/x", local=str(tmp_path / "x"))
     with pytest.raises(StorageError, match=r"hdfs://nohost:1/x: cannot reach the storage"):
         broken.is_file(tmp_path / "x" / "a.done.json")
-    assert main(["plan", "--config", str(ROOT / "pipeline/configs/quickstart.yaml"), "runs_dir=hdfs://nohost:1/x"]) == 1
-    err = capsys.readouterr().err
-    assert "pipeline: error: hdfs://nohost:1/x/quickstart: cannot reach the storage" in err and "Traceback" not in err
+    for command in ("plan", "report"):  # report also fetches and stores the run's own files
+        assert main([command, "--config", str(ROOT / "pipeline/configs/quickstart.yaml"),
+                     "runs_dir=hdfs://nohost:1/x"]) == 1
+        err = capsys.readouterr().err
+        assert "pipeline: error: hdfs://nohost:1/x/quickstart: cannot reach the storage" in err, command
+        assert "Traceback" not in err, command
