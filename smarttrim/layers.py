@@ -247,6 +247,7 @@ def output_runs(ctx: Tensor, out: nn.Linear, runs: tuple[tuple[int, int], ...], 
     b, n, _ = ctx.shape
     flat = ctx.reshape(b * n, -1)
     weight = out.weight
+    autocast = torch.is_autocast_enabled(ctx.device.type)  # in-place ops are not autocast: accumulate out of place
     y = None
     col = 0
     for start, stop in runs:
@@ -255,6 +256,8 @@ def output_runs(ctx: Tensor, out: nn.Linear, runs: tuple[tuple[int, int], ...], 
         part = flat[:, col: col + width]
         if y is None:
             y = torch.addmm(out.bias, part, w) if out.bias is not None else part @ w
+        elif autocast:
+            y = torch.addmm(y, part, w)
         else:
             y.addmm_(part, w)
         col += width

@@ -172,43 +172,52 @@ def _grouped(xq: Tensor, pq: Packing, xkv: Tensor | None, pkv: Packing, owner: n
     instance does not keep has zero Q, K and V there, so its context is zero, as a gate would make it)."""
     dh = out.in_features // num_heads
     hk = len(key)
-    rq = xq.new_zeros(xq.shape[0], hk, dh)
-    kv_rows = xq if xkv is None else xkv
-    rk, rv = kv_rows.new_zeros(kv_rows.shape[0], hk, dh), kv_rows.new_zeros(kv_rows.shape[0], hk, dh)
+    n_kv = xq.shape[0] if xkv is None else xkv.shape[0]
     qkv = head_major(owner, (q, k, v), num_heads, "qkv") if xkv is None else None
     kvw = head_major(owner, (k, v), num_heads, "kv") if xkv is not None else None
+    # each group's projections: (q rows, q values, kv rows, k values, v values); placed once their dtype is known
+    # (under autocast the projections are bf16 while the residual stream is fp32)
+    parts: list[tuple[HeadGroup, Tensor, Tensor, Tensor]] = []
     for g in groups:
         if not g.heads:
             continue
         runs = head_runs(tuple(key[c] for c in g.heads))
-        cols = g.columns[None, :]
         if qkv is not None:
             y = _project(xq.index_select(0, g.q_rows), *qkv, runs, 3, dh)
-            rq.index_put_((g.q_rows[:, None], cols), y[:, :, 0])
-            rk.index_put_((g.q_rows[:, None], cols), y[:, :, 1])
-            rv.index_put_((g.q_rows[:, None], cols), y[:, :, 2])
+            parts.append((g, y[:, :, 0], y[:, :, 1], y[:, :, 2]))
         else:
             assert xkv is not None and kvw is not None
-            rq.index_put_((g.q_rows[:, None], cols), _project(xq.index_select(0, g.q_rows), q[0], q[1], runs, 1,
-                                                              dh)[:, :, 0])
+            yq = _project(xq.index_select(0, g.q_rows), q[0], q[1], runs, 1, dh)[:, :, 0]
             y = _project(xkv.index_select(0, g.kv_rows), *kvw, runs, 2, dh)
-            rk.index_put_((g.kv_rows[:, None], cols), y[:, :, 0])
-            rv.index_put_((g.kv_rows[:, None], cols), y[:, :, 1])
+            parts.append((g, yq, y[:, :, 0], y[:, :, 1]))
+    dtype = parts[0][1].dtype if parts else xq.dtype
+    rq = xq.new_zeros(xq.shape[0], hk, dh, dtype=dtype)
+    rk, rv = xq.new_zeros(n_kv, hk, dh, dtype=dtype), xq.new_zeros(n_kv, hk, dh, dtype=dtype)
+    for g, yq, yk, yv in parts:
+        cols = g.columns[None, :]
+        kv_rows = g.q_rows if xkv is None else g.kv_rows
+        rq.index_put_((g.q_rows[:, None], cols), yq)
+        rk.index_put_((kv_rows[:, None], cols), yk)
+        rv.index_put_((kv_rows[:, None], cols), yv)
     qh, kh, vh = pq.pad_heads(rq), pkv.pad_heads(rk), pkv.pad_heads(rv)
     if q_norm is not None:
         qh, kh = q_norm(qh), k_norm(kh) if k_norm is not None else kh
     mask = torch.zeros(pkv.b * pkv.n, dtype=torch.bool, device=xq.device).index_fill_(0, pkv.rows, True)
     ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.view(pkv.b, 1, 1, pkv.n))
     ctx = ctx.transpose(1, 2).reshape(pq.b * pq.n, hk, dh).index_select(0, pq.rows)  # (Rq, Hk, Dh)
-    result = xq.new_empty(xq.shape[0], out.out_features)
+    outputs: list[tuple[Tensor, Tensor]] = []
     for g in groups:
         if not g.heads:
-            result.index_copy_(0, g.q_rows, out.bias.expand(g.q_rows.numel(), -1) if out.bias is not None
-                               else xq.new_zeros(g.q_rows.numel(), out.out_features))
+            outputs.append((g.q_rows, out.bias.expand(g.q_rows.numel(), -1) if out.bias is not None
+                            else xq.new_zeros(g.q_rows.numel(), out.out_features)))
             continue
         runs = head_runs(tuple(key[c] for c in g.heads))
         part = ctx.index_select(0, g.q_rows).index_select(1, g.columns)  # (Rq_g, Hg, Dh)
-        result.index_copy_(0, g.q_rows, output_runs(part.reshape(1, part.shape[0], -1), out, runs, dh)[0])
+        outputs.append((g.q_rows, output_runs(part.reshape(1, part.shape[0], -1), out, runs, dh)[0]))
+    dtype = next((y.dtype for (_, y), g in zip(outputs, groups, strict=True) if g.heads), outputs[0][1].dtype)
+    result = xq.new_empty(xq.shape[0], out.out_features, dtype=dtype)
+    for rows, y in outputs:
+        result.index_copy_(0, rows, y.to(dtype))
     return result
 
 

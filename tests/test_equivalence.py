@@ -423,3 +423,21 @@ def test_head_runs_and_head_major_layout() -> None:
     with torch.no_grad():
         q.weight.add_(1.0)  # a new weight version: rebuilt
     assert not torch.equal(head_major(owner, tuple((m.weight, m.bias) for m in (q, k, v)), 3, "qkv")[0], weight)
+
+
+def test_fast_paths_run_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast (bf16 projections, fp32 residual stream) the packed and grouped paths place values of the
+    projections' dtype (index_put_ and index_copy_ need matching dtypes) and stay close to the reference path."""
+    from smarttrim import layers, packed
+
+    monkeypatch.setattr(packed, "OP_OVERHEAD_MACS", 0)  # the grouped path too
+    torch.manual_seed(5)
+    model = tiny("vqa", trim=smarttrim.TrimConfig(vision_head_trim=True)).eval()
+    randomize_trimmers(model, seed=5)
+    batch = model.dummy_batch(6, seed=5)
+    _mix_head_decisions(model, batch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(batch)
+        with layers.reference_path():
+            ref = model(batch)
+    torch.testing.assert_close(fast.logits.float(), ref.logits.float(), atol=5e-2, rtol=5e-2)
