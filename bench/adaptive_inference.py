@@ -36,8 +36,8 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ import smarttrim  # noqa: E402
 from smarttrim.flops import analytic_macs, strip_padding  # noqa: E402
 from smarttrim.model import SmartTrimModel  # noqa: E402
 from smarttrim.trimmers import HeadTrimmer, TokenTrimmer  # noqa: E402
+from stages.common import to_device  # noqa: E402
+from stages.profile import interleaved_times, timed  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
 
@@ -229,36 +231,18 @@ def static(backbone: SmartTrimModel, singles: list[Batch], trim: smarttrim.TrimC
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall milliseconds of ``fn()``, CUDA-synchronized before and after on a GPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000
-
-
 def interleaved(models: dict[str, SmartTrimModel], inputs: list[Batch], repeats: int, device: torch.device,
                 autocast: bool) -> dict[str, list[float]]:
-    """Every model on every input, back to back per input (the order reversed on odd inputs), ``repeats`` passes."""
+    """Every model on every input, back to back per input (the order reversed on odd inputs), ``repeats`` passes:
+    the profile stage's timer and interleaving, after one warm-up pass."""
     names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        for x in inputs[:1]:  # warm-up
+        for x in inputs[:1]:
             for n in names:
                 models[n](x)
-        for _ in range(repeats):
-            for i, x in enumerate(inputs):
-                for n in names if i % 2 == 0 else reversed(names):
-                    times[n].append(timed(lambda m=models[n], x=x: m(x), device))
-    return times
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) for k, v in batch.items()}
+        times = interleaved_times([models[n] for n in names], inputs, repeats, partial(timed, device=device))
+    return dict(zip(names, times, strict=True))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

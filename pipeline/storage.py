@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from stages.staging import MIRROR_ENV, Mirror, StorageError, localize
+from stages.staging import MIRROR_ENV, Mirror, StorageError, localize, uri_scheme
 
 LOG = logging.getLogger("smarttrim.pipeline")
 ROOT_ENV = "SMARTTRIM_RUNS_ROOT"
@@ -53,16 +53,11 @@ MODES = ("auto", "direct", "staged")
 """``runs_dir_mode``: ``auto`` (staged for an object-store URI, direct for a path), ``direct``, ``staged``."""
 
 
-def _scheme(runs_dir: str) -> str:
-    scheme = urlparse(runs_dir).scheme
-    return scheme if len(scheme) > 1 else ""  # one letter: a Windows drive
-
-
 def runs_dir_problem(runs_dir: str, mode: str = "auto") -> str | None:
     """Why ``runs_dir`` (with ``runs_dir_mode`` ``mode``) cannot be used (None: it can); for config validation."""
     if mode not in MODES:
         return f"runs_dir_mode={mode!r}: must be one of {MODES}"
-    scheme, parsed = _scheme(runs_dir), urlparse(runs_dir)
+    scheme, parsed = uri_scheme(runs_dir), urlparse(runs_dir)
     if scheme in STAGED_SCHEMES:
         if mode == "direct":
             return (f"{scheme}:// storage cannot be written in place: use runs_dir_mode: staged (or auto), or mount it "
@@ -80,13 +75,13 @@ def runs_dir_problem(runs_dir: str, mode: str = "auto") -> str | None:
 
 def is_staged(runs_dir: str, mode: str = "auto") -> bool:
     """Whether stages work in node-local copies of ``runs_dir`` (see the module docstring)."""
-    return mode == "staged" or (mode == "auto" and _scheme(runs_dir) in STAGED_SCHEMES)
+    return mode == "staged" or (mode == "auto" and uri_scheme(runs_dir) in STAGED_SCHEMES)
 
 
 def resolve_runs_dir(runs_dir: str) -> Path:
     """A path or ``file://`` ``runs_dir`` as an absolute path (see the module docstring)."""
     problem = runs_dir_problem(runs_dir, "staged")
-    if problem or _scheme(runs_dir) in STAGED_SCHEMES:
+    if problem or uri_scheme(runs_dir) in STAGED_SCHEMES:
         raise ValueError(f"runs_dir={runs_dir!r}: {problem or 'not a path'}")
     if runs_dir.startswith("file:"):
         return Path(unquote(urlparse(runs_dir).path))
@@ -112,7 +107,7 @@ def _user() -> str:
 def mirror_for(runs_dir: str, name: str) -> Mirror:
     """The staged run directory ``<runs_dir>/<name>``: stored at the URI (or resolved path), worked on under
     ``<cache>/<hash of the stored location>/<name>``."""
-    remote = runs_dir.rstrip("/") if _scheme(runs_dir) in STAGED_SCHEMES else str(resolve_runs_dir(runs_dir))
+    remote = runs_dir.rstrip("/") if uri_scheme(runs_dir) in STAGED_SCHEMES else str(resolve_runs_dir(runs_dir))
     remote = f"{remote}/{name}"
     digest = hashlib.sha256(remote.encode()).hexdigest()[:12]
     return Mirror(remote=remote, local=str(cache_root() / digest / name))

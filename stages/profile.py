@@ -120,7 +120,7 @@ def _instances(cfg: ProfileConfig, model: SmartTrimModel) -> tuple[list[dict[str
     return singles[: cfg.instances], batches
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall milliseconds of ``fn()``, CUDA synchronized before and after when on GPU."""
     import torch
 
@@ -163,7 +163,7 @@ def _side_by_side(cfg: ProfileConfig, models: Sequence[SmartTrimModel], singles:
     import torch
 
     fns = [lambda x, m=m: m(to_device(x, device)) for m in models]
-    timer = partial(_timed, device=device)
+    timer = partial(timed, device=device)
     with torch.inference_mode():
         for fn in fns:
             for one in singles[: cfg.warmup]:

@@ -23,7 +23,8 @@ LOCK_TIMEOUT_S = 3600
 """How long a fetch waits for another process of the node fetching the same directory (a large model or shards)."""
 
 
-def _scheme(location: str) -> str:
+def uri_scheme(location: str) -> str:
+    """The URI scheme of ``location`` ("" for a plain path, also a Windows drive letter)."""
     scheme = urlparse(location).scheme
     return scheme if len(scheme) > 1 else ""  # one letter: a Windows drive
 
@@ -33,7 +34,7 @@ def _filesystem(remote: str) -> tuple[Any, str]:
     """(pyarrow file system, base path) of a stored location, one per process."""
     import pyarrow.fs as pafs
 
-    if _scheme(remote):
+    if uri_scheme(remote):
         try:
             return pafs.FileSystem.from_uri(remote)
         except OSError as err:  # e.g. an unreachable endpoint or a bucket whose region cannot be resolved
