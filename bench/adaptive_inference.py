@@ -21,8 +21,10 @@ Models (every one shares the backbone's weights):
 
 Inputs: the built-in shapes world's VQA questions rendered at the model's image size (``--shards DIR`` reads
 another shard directory). FLOPs: ``smarttrim.flops.analytic_macs`` per instance at batch size 1 (matmul MACs).
-Speedups are the backbone's time over the model's (batch size 1: median latency over the instances; batches:
-total time over the same batches, i.e. throughput), efficiency = speedup / FLOPs reduction.
+Speedups are the backbone's time over the model's, summed over the same inputs (batch size 1: mean latency, the
+profile stage's convention; batches: throughput); each batch size's entry carries the FLOPs reduction on exactly
+the inputs it timed, and efficiency = speedup / that reduction. The process's allocator keeps freed memory
+(``stages.common.keep_freed_memory``) so that no model pays page faults on fresh activations.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import smarttrim  # noqa: E402
 from smarttrim.flops import analytic_macs, strip_padding  # noqa: E402
 from smarttrim.model import SmartTrimModel  # noqa: E402
 from smarttrim.trimmers import HeadTrimmer, TokenTrimmer  # noqa: E402
-from stages.common import to_device  # noqa: E402
+from stages.common import keep_freed_memory, to_device  # noqa: E402
 from stages.profile import interleaved_times, timed  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -258,12 +260,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--search-steps", type=int, default=5)
+    parser.add_argument("--search-steps", type=int, default=8)
     parser.add_argument("--shards", default=None)
     parser.add_argument("--split", default="val")
     parser.add_argument("--no-static", action="store_true", help="skip the static top-k reference")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory()
     torch.manual_seed(0)
     device = torch.device(args.device)
 
@@ -278,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = backbone.config
     singles = shapes_inputs(cfg.image_size, cfg.max_text_len, args.instances, args.shards, args.split)
     calib = singles[: args.single_instances]
-    base = statistics.fmean(macs(backbone, singles))
+    per_instance: dict[str, list[int]] = {"backbone": macs(backbone, singles)}  # MACs of every model on every input
+    base = statistics.fmean(per_instance["backbone"])
 
     models: dict[str, SmartTrimModel] = {"backbone": backbone}
     info: dict[str, dict[str, Any]] = {"backbone": {"mmacs": base / 1e6}}
@@ -297,19 +301,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             info[name] = {"rho_tokens": round(rho, 4), "rho_heads": round(math.sqrt(rho), 4)}
     for name, model in adaptives:
         models[name] = model
-        per = macs(model, singles)
+        per = per_instance[name] = macs(model, singles)
         info[name].update({"mmacs": statistics.fmean(per) / 1e6, "flops_reduction": base / statistics.fmean(per),
                            "mmacs_min": min(per) / 1e6, "mmacs_max": max(per) / 1e6})
         if not args.no_static:
             ref, rho = static(backbone, calib, model.trim_config, statistics.fmean(per), args.search_steps)
             sname = name.replace("smarttrim", "static")
             models[sname] = ref
-            sper = macs(ref, singles)
+            sper = per_instance[sname] = macs(ref, singles)
             info[sname] = {"rho_tokens": round(rho, 4), "mmacs": statistics.fmean(sper) / 1e6,
                            "flops_reduction": base / statistics.fmean(sper),
                            # visual tokens alone may not reach a high target (text and the untrimmed parts remain)
                            "flops_matched": abs(statistics.fmean(sper) / statistics.fmean(per) - 1) < 0.05}
-    info["keep_all"].update({"mmacs": statistics.fmean(macs(keep_all, singles)) / 1e6})
+    per_instance["keep_all"] = macs(keep_all, singles)
+    info["keep_all"].update({"mmacs": statistics.fmean(per_instance["keep_all"]) / 1e6})
     info["keep_all"]["flops_reduction"] = base / (info["keep_all"]["mmacs"] * 1e6)
 
     for m in models.values():
@@ -317,28 +322,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {name: dict(v) for name, v in info.items()}
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         if bs == 1:
-            inputs = [to_device(s, device) for s in singles[: args.single_instances]]
-        else:
-            inputs = [to_device(collate(singles[i: i + bs], cfg.pad_token_id), device)
-                      for i in range(0, len(singles) - bs + 1, bs)] or \
-                     [to_device(collate((singles * math.ceil(bs / len(singles)))[:bs], cfg.pad_token_id), device)]
+            covered = list(range(min(args.single_instances, len(singles))))
+            inputs = [to_device(singles[i], device) for i in covered]
+        else:  # whole batches of the inputs; one batch of the inputs repeated when there are fewer than bs
+            starts = range(0, len(singles) - bs + 1, bs)
+            groups = [list(range(i, i + bs)) for i in starts] or [[j % len(singles) for j in range(bs)]]
+            covered = [j for g in groups for j in g]
+            inputs = [to_device(collate([singles[j] for j in g], cfg.pad_token_id), device) for g in groups]
         times = interleaved(models, inputs, args.repeats, device, args.bf16)
+        base_here = statistics.fmean(per_instance["backbone"][j] for j in covered)
         for name in models:
+            # mean time over the same inputs as the mean FLOPs (the profile stage's convention)
+            speedup = sum(times["backbone"]) / sum(times[name])
             if bs == 1:
-                ms = statistics.median(times[name])
-                speedup = statistics.median(times["backbone"]) / ms
-                entry = {"latency_ms": round(ms, 3), "latency_speedup": round(speedup, 3)}
+                entry = {"latency_ms": round(statistics.fmean(times[name]), 3),
+                         "latency_median_ms": round(statistics.median(times[name]), 3),
+                         "latency_speedup": round(speedup, 3)}
             else:
-                total = sum(times[name])
-                speedup = sum(times["backbone"]) / total
-                entry = {"throughput_per_s": round(len(times[name]) * bs / (total / 1000), 2),
+                entry = {"throughput_per_s": round(len(times[name]) * bs / (sum(times[name]) / 1000), 2),
                          "throughput_speedup": round(speedup, 3)}
-            reduction = results[name].get("flops_reduction")
-            if reduction:
-                entry["efficiency"] = round(speedup / reduction, 3)
+            if name != "backbone":  # FLOPs and efficiency on exactly the inputs timed here
+                reduction = base_here / statistics.fmean(per_instance[name][j] for j in covered)
+                entry.update({"flops_reduction": round(reduction, 3), "efficiency": round(speedup / reduction, 3)})
             results[name][f"bs{bs}"] = entry
     out = {"preset": cfg.name, "image_size": cfg.image_size, "device": args.device, "threads": args.threads,
-           "bf16": args.bf16, "instances": len(singles), "torch": torch.__version__,
+           "bf16": args.bf16, "instances": len(singles), "allocator_keeps_freed_memory": allocator,
+           "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine(), "model": args.model, "results": results}
     print(json.dumps(out, indent=2))
     return out

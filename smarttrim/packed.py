@@ -3,9 +3,10 @@ FFNs on the kept tokens only, not on every instance padded to the longest.
 
 On the pruning path a batch's stream is (B, N, D) with a keep mask (B, N): slots past an instance's kept tokens
 are padding (``Stream.apply``). The layers here gather the kept rows once per layer into a packed (R, D) matrix
-(R = the batch's kept tokens), run every Linear, LayerNorm, activation and residual on it, pad only the per-head
-Q / K / V for attention (PyTorch's fused SDPA with the key mask: attention is the small part of a layer's work),
-and scatter the layer's output back into the (B, N, D) layout, padding slots zero. Kept heads run as in
+(R = the batch's kept tokens), run every Linear, LayerNorm, activation and residual on it, attend (``attend``:
+PyTorch's fused SDPA per instance on views of the packed rows, or on the batch padded to its longest instance with
+the key mask when padding wastes less than the extra calls cost), and scatter the layer's output back into the
+(B, N, D) layout, padding slots zero. Kept heads run as in
 ``layers.head_attention``: by runs of consecutive heads on a head-major weight copy, no per-call weight slices; a
 batch runs the union of its instances' kept heads, each instance's other heads gated to zero.
 
@@ -15,12 +16,18 @@ The values equal the padded reference path's (``layers.reference_path``) on ever
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smarttrim.layers import Block, Heads, head_major, head_runs, output_runs
+
+OP_OVERHEAD_MACS = 400_000
+"""What one extra tensor op costs, in multiply-accumulates (~8 us at ~50 GMAC/s on a CPU core): the break-even of
+running instances that keep different heads in groups (more, smaller matmuls) instead of their union
+(``head_groups``), or of attending instance by instance (``per_instance``)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,11 @@ class Packing:
         rows = torch.arange(b * n, device=device)
         return Packing(rows, torch.div(rows, n, rounding_mode="floor"), b, n)
 
+    @cached_property
+    def lengths(self) -> tuple[int, ...]:
+        """Each instance's number of kept rows (on the host: one synchronisation per packing)."""
+        return tuple(torch.bincount(self.instance, minlength=self.b).tolist())
+
     def gather(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (R, D): the kept rows."""
         return x.reshape(self.b * self.n, -1).index_select(0, self.rows)
@@ -69,6 +81,45 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor | None, runs: tuple[tuple[i
     outs = [F.linear(x, weight[a * step: z * step], None if bias is None else bias[a * step: z * step])
             .view(x.shape[0], z - a, parts, dh) for a, z in runs]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def per_instance(pq: Packing, pkv: Packing, width: int) -> bool:
+    """Whether attention runs instance by instance on the packed rows (no padding) rather than once on the batch
+    padded to its longest instance: on a CPU, when the padded product's wasted MACs (``width`` = heads x head
+    dim, both products QK and AV) outweigh ``OP_OVERHEAD_MACS`` per extra call. A GPU pays a kernel launch per
+    call and keeps the single padded call."""
+    if pq.b == 1 or pq.rows.device.type != "cpu":
+        return False
+    lq, lkv = pq.lengths, pkv.lengths
+    waste = 2 * width * (pq.b * max(lq) * max(lkv) - sum(a * z for a, z in zip(lq, lkv, strict=True)))
+    return waste > 4 * pq.b * OP_OVERHEAD_MACS
+
+
+def attend(qr: Tensor, kr: Tensor, vr: Tensor, pq: Packing, pkv: Packing, q_norm: nn.Module | None = None,
+           k_norm: nn.Module | None = None) -> Tensor:
+    """Scaled dot-product attention of packed per-head rows: queries qr (Rq, Hk, Dh) of the instances packed by
+    ``pq`` to their own keys / values kr, vr (Rkv, Hk, Dh) packed by ``pkv`` -> context (Rq, Hk, Dh). Either each
+    instance on its own rows (``per_instance``: no padding, no mask) or the batch padded with the key mask; both
+    through PyTorch's fused SDPA. ``q_norm`` / ``k_norm``: per-head norms on the last dimension (timm's qk-norm)."""
+    hk, dh = qr.shape[1:]
+    if per_instance(pq, pkv, hk * dh):
+        ctx = torch.empty_like(qr)
+        a = c = 0
+        for nq, nkv in zip(pq.lengths, pkv.lengths, strict=True):
+            if nq:
+                qh, kh = qr[a: a + nq].transpose(0, 1)[None], kr[c: c + nkv].transpose(0, 1)[None]
+                if q_norm is not None:
+                    qh, kh = q_norm(qh), k_norm(kh) if k_norm is not None else kh
+                ctx[a: a + nq] = F.scaled_dot_product_attention(qh, kh, vr[c: c + nkv].transpose(0, 1)[None])[0] \
+                    .transpose(0, 1)
+            a, c = a + nq, c + nkv
+        return ctx
+    qh, kh, vh = pq.pad_heads(qr), pkv.pad_heads(kr), pkv.pad_heads(vr)  # (B, Hk, N, Dh)
+    if q_norm is not None:
+        qh, kh = q_norm(qh), k_norm(kh) if k_norm is not None else kh
+    mask = torch.zeros(pkv.b * pkv.n, dtype=torch.bool, device=qr.device).index_fill_(0, pkv.rows, True)
+    ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.view(pkv.b, 1, 1, pkv.n))  # (B, Hk, Nq, Dh)
+    return ctx.transpose(1, 2).reshape(pq.b * pq.n, hk, dh).index_select(0, pq.rows)
 
 
 def packed_attention(xq: Tensor, pq: Packing, xkv: Tensor | None, pkv: Packing, owner: nn.Module, q: Block,
@@ -97,21 +148,10 @@ def packed_attention(xq: Tensor, pq: Packing, xkv: Tensor | None, pkv: Packing, 
         weight, bias = head_major(owner, (k, v), num_heads, "kv")
         y = _project(xkv, weight, bias, runs, 2, dh)
         kr, vr = y[:, :, 0], y[:, :, 1]
-    qh, kh, vh = pq.pad_heads(qr), pkv.pad_heads(kr), pkv.pad_heads(vr)  # (B, Hk, N, Dh)
-    if q_norm is not None:
-        qh, kh = q_norm(qh), k_norm(kh) if k_norm is not None else kh
-    mask = torch.zeros(pkv.b * pkv.n, dtype=torch.bool, device=xq.device).index_fill_(0, pkv.rows, True)
-    ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.view(pkv.b, 1, 1, pkv.n))  # (B, Hk, Nq, Dh)
-    ctx = ctx.transpose(1, 2).reshape(pq.b * pq.n, len(key), dh).index_select(0, pq.rows)  # (Rq, Hk, Dh)
+    ctx = attend(qr, kr, vr, pq, pkv, q_norm, k_norm)  # (Rq, Hk, Dh)
     if heads is not None and heads.gate is not None:
         ctx = ctx * heads.gate.index_select(0, pq.instance)[:, :, None]
     return output_runs(ctx.reshape(1, xq.shape[0], -1), out, runs, dh)[0]
-
-
-OP_OVERHEAD_MACS = 400_000
-"""What one extra tensor op costs, in multiply-accumulates (~8 us at ~50 GMAC/s on a CPU core): the break-even of
-running instances that keep different heads in groups (more, smaller matmuls) instead of their union
-(``head_groups``)."""
 
 
 @dataclass(frozen=True)
@@ -199,12 +239,7 @@ def _grouped(xq: Tensor, pq: Packing, xkv: Tensor | None, pkv: Packing, owner: n
         rq.index_put_((g.q_rows[:, None], cols), yq)
         rk.index_put_((kv_rows[:, None], cols), yk)
         rv.index_put_((kv_rows[:, None], cols), yv)
-    qh, kh, vh = pq.pad_heads(rq), pkv.pad_heads(rk), pkv.pad_heads(rv)
-    if q_norm is not None:
-        qh, kh = q_norm(qh), k_norm(kh) if k_norm is not None else kh
-    mask = torch.zeros(pkv.b * pkv.n, dtype=torch.bool, device=xq.device).index_fill_(0, pkv.rows, True)
-    ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.view(pkv.b, 1, 1, pkv.n))
-    ctx = ctx.transpose(1, 2).reshape(pq.b * pq.n, hk, dh).index_select(0, pq.rows)  # (Rq, Hk, Dh)
+    ctx = attend(rq, rk, rv, pq, pkv, q_norm, k_norm)  # (Rq, Hk, Dh)
     outputs: list[tuple[Tensor, Tensor]] = []
     for g in groups:
         if not g.heads:
@@ -251,5 +286,5 @@ def cross_layer_packed(layer: nn.Module, x: Tensor, other: Tensor, keep: Tensor,
     return p.scatter(layer.output(layer.intermediate(xp), xp))
 
 
-__all__ = ["OP_OVERHEAD_MACS", "HeadGroup", "Packing", "cross_layer_packed", "head_groups", "packed_attention",
-           "vit_block_packed"]
+__all__ = ["OP_OVERHEAD_MACS", "HeadGroup", "Packing", "attend", "cross_layer_packed", "head_groups",
+           "packed_attention", "per_instance", "vit_block_packed"]

@@ -49,6 +49,27 @@ class StageOutputs:
     metrics: dict[str, Any]
 
 
+def keep_freed_memory() -> bool:
+    """Let this process's C allocator keep the memory it frees (glibc: no ``mmap`` per large block, no trimming)
+    instead of returning it to the system, so that timing loops do not pay page faults on every fresh activation
+    (on a 2-core CPU, 15% of a meter-base forward at batch size 8: elementwise ops on new buffers). For timing
+    (the profile stage, ``bench/``): memory freed stays reserved by the process. Returns whether it took effect
+    (False off glibc; then jemalloc or tcmalloc through ``LD_PRELOAD`` do the same)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, or ``auto`` (cuda when available)."""
     import torch

@@ -41,6 +41,7 @@ from stages.common import (
     ModelDataConfig,
     StageOutputs,
     add_model_data_args,
+    keep_freed_memory,
     resolve_device,
     stage_parser,
     stage_tokenizer,
@@ -204,6 +205,7 @@ def run(cfg: ProfileConfig, label: str | None = None) -> StageOutputs:
 
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     model = load_model(cfg.model).eval()
     singles, batches = _instances(cfg, model)
     if not singles:

@@ -23,5 +23,11 @@ def test_adaptive_bench_calibrates_targets_and_reports_every_model(capsys: pytes
         assert entry["bs1"]["latency_ms"] > 0 and entry["bs8"]["throughput_per_s"] > 0, name
         if name != "backbone":
             assert entry["bs8"]["efficiency"] == pytest.approx(
-                entry["bs8"]["throughput_speedup"] / entry["flops_reduction"], rel=0.01), name
+                entry["bs8"]["throughput_speedup"] / entry["bs8"]["flops_reduction"], rel=0.01), name
+            # bs 8 timed every input, bs 1 the first 4: each efficiency uses the FLOPs of the inputs it timed
+            assert entry["bs8"]["flops_reduction"] == pytest.approx(entry["flops_reduction"], rel=1e-3), name
+            assert entry["bs1"]["efficiency"] == pytest.approx(
+                entry["bs1"]["latency_speedup"] / entry["bs1"]["flops_reduction"], rel=0.01), name
+    assert results["smarttrim-2x"]["bs1"]["flops_reduction"] != pytest.approx(
+        results["smarttrim-2x"]["flops_reduction"], rel=1e-4), "the first 4 inputs cost differently from all 16"
     assert capsys.readouterr().out.lstrip().startswith("{"), "stdout is the JSON alone"

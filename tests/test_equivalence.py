@@ -326,16 +326,26 @@ def test_fused_guides_equal_the_separate_networks_and_follow_weight_updates() ->
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2"])
-@pytest.mark.parametrize("grouped", [False, True])
-def test_fast_paths_equal_the_reference_pruning_path(task: str, grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The inference fast paths (packed kept tokens; kept heads by runs of consecutive heads on a head-major weight
-    copy, no per-call weight slices; instances that keep different heads run as their union or, ``grouped``, in
-    groups of equal heads) give the reference pruning path's values, on a mixed batch whose instances keep different
-    tokens and heads and on its instances alone; and they really run (counted)."""
+@pytest.mark.parametrize(("grouped", "attention"), [(False, "padded"), (False, "per_instance"),
+                                                    (True, "per_instance")])
+def test_fast_paths_equal_the_reference_pruning_path(task: str, grouped: bool, attention: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inference fast paths (packed kept tokens; attention on the batch padded to its longest instance or
+    instance by instance on the packed rows; kept heads by runs of consecutive heads on a head-major weight copy, no
+    per-call weight slices; instances that keep different heads run as their union or, ``grouped``, in groups of
+    equal heads) give the reference pruning path's values, on a mixed batch whose instances keep different tokens and
+    heads and on its instances alone; and they really run (counted)."""
     from smarttrim import layers, packed
 
     if grouped:  # grouping whenever it saves any work (at this size the cost model keeps the union)
         monkeypatch.setattr(packed, "OP_OVERHEAD_MACS", 0)
+    modes = {"per_instance": 0, "padded": 0}
+
+    def forced(pq: packed.Packing, pkv: packed.Packing, width: int) -> bool:
+        modes[attention] += pq.b > 1
+        return attention == "per_instance"
+
+    monkeypatch.setattr(packed, "per_instance", forced)
     groups = {"n": 0}
     real_groups = packed.head_groups
 
@@ -375,6 +385,7 @@ def test_fast_paths_equal_the_reference_pruning_path(task: str, grouped: bool, m
     assert ran > 0 and calls["fast"] == ran, "the fast path ran, and the reference path did not use it"
     assert calls["gated"] > 0, "some module of the batch ran instances that keep different heads"
     assert (groups["n"] > 0) == grouped, "grouped by their heads exactly when asked"
+    assert modes[attention] > 0, f"{attention} attention ran on batches of several instances"
     torch.testing.assert_close(fast.logits, ref.logits, atol=ATOL, rtol=0)
     for f, r in zip(fast_singles, ref_singles, strict=True):
         torch.testing.assert_close(f.logits, r.logits, atol=ATOL, rtol=0)
