@@ -177,8 +177,7 @@ def head_groups(gate: Tensor, pq: Packing, pkv: Packing, union: int, row_macs: i
     members: dict[tuple[bool, ...], list[int]] = {}
     for b, row in enumerate(flags):
         members.setdefault(tuple(row), []).append(b)
-    counts_q = torch.bincount(pq.instance, minlength=pq.b).tolist()
-    counts_kv = torch.bincount(pkv.instance, minlength=pkv.b).tolist()
+    counts_q, counts_kv = pq.lengths, pkv.lengths
     parts_q, parts_kv = (3, 0) if self_attention else (1, 2)  # projections on the queries' / the keys' rows
 
     def macs(rows_q: int, rows_kv: int, heads: int) -> int:

@@ -121,3 +121,13 @@ def test_backbone_flops_per_text_length_equal_tracing_each_instance() -> None:
     singles = [strip_padding({k: v[i:i + 1] for k, v in batch.items()}) for i in range(5)]
     singles.append(singles[0])  # a repeated length is not traced again
     assert backbone_flops(model, singles) == [count_flops(model, one) for one in singles]
+
+
+def test_keep_freed_memory_takes_effect_on_glibc() -> None:
+    """The timing processes' allocator setting reaches glibc's ``mallopt`` (Linux); elsewhere it says it did not."""
+    import platform
+
+    from stages.common import keep_freed_memory
+
+    took = keep_freed_memory()
+    assert took is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
