@@ -24,7 +24,8 @@ another shard directory). FLOPs: ``smarttrim.flops.analytic_macs`` per instance 
 Speedups are the backbone's time over the model's, summed over the same inputs (batch size 1: mean latency, the
 profile stage's convention; batches: throughput); each batch size's entry carries the FLOPs reduction on exactly
 the inputs it timed, and efficiency = speedup / that reduction. The process's allocator keeps freed memory
-(``stages.common.keep_freed_memory``) so that no model pays page faults on fresh activations.
+(``stages.common.keep_freed_memory``) and every model makes one untimed pass over the inputs first, so that no
+model pays page faults on fresh activations while timed; ``page_faults_timed`` counts those that remain.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import smarttrim  # noqa: E402
 from smarttrim.flops import analytic_macs, strip_padding  # noqa: E402
 from smarttrim.model import SmartTrimModel  # noqa: E402
 from smarttrim.trimmers import HeadTrimmer, TokenTrimmer  # noqa: E402
-from stages.common import keep_freed_memory, to_device  # noqa: E402
+from stages.common import keep_freed_memory, minor_faults, to_device  # noqa: E402
 from stages.profile import interleaved_times, timed  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -234,17 +235,22 @@ def static(backbone: SmartTrimModel, singles: list[Batch], trim: smarttrim.TrimC
 
 # ----------------------------------------------------------------------------------------------- timing
 def interleaved(models: dict[str, SmartTrimModel], inputs: list[Batch], repeats: int, device: torch.device,
-                autocast: bool) -> dict[str, list[float]]:
+                autocast: bool) -> tuple[dict[str, list[float]], int | None]:
     """Every model on every input, back to back per input (the order reversed on odd inputs), ``repeats`` passes:
-    the profile stage's timer and interleaving, after one warm-up pass."""
+    the profile stage's timer and interleaving, after one untimed pass of every model over every input (so that
+    each reaches its memory high-water mark before timing; one input was not enough: the first timed pass then
+    paid ~10^5 page faults at meter-base, batch size 8). Returns the times and the page faults inside the timed
+    passes (None where not counted)."""
     names = list(models)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        for x in inputs[:1]:
+        for x in inputs:
             for n in names:
                 models[n](x)
+        start = minor_faults()
         times = interleaved_times([models[n] for n in names], inputs, repeats, partial(timed, device=device))
-    return dict(zip(names, times, strict=True))
+        end = minor_faults()
+    return dict(zip(names, times, strict=True)), None if start is None or end is None else end - start
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -320,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in models.values():
         m.to(device)
     results: dict[str, Any] = {name: dict(v) for name, v in info.items()}
+    page_faults: dict[str, int | None] = {}  # inside each batch size's timed passes
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         if bs == 1:
             covered = list(range(min(args.single_instances, len(singles))))
@@ -329,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             groups = [list(range(i, i + bs)) for i in starts] or [[j % len(singles) for j in range(bs)]]
             covered = [j for g in groups for j in g]
             inputs = [to_device(collate([singles[j] for j in g], cfg.pad_token_id), device) for g in groups]
-        times = interleaved(models, inputs, args.repeats, device, args.bf16)
+        times, faults = interleaved(models, inputs, args.repeats, device, args.bf16)
+        page_faults[f"bs{bs}"] = faults
         base_here = statistics.fmean(per_instance["backbone"][j] for j in covered)
         for name in models:
             # mean time over the same inputs as the mean FLOPs (the profile stage's convention)
@@ -347,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name][f"bs{bs}"] = entry
     out = {"preset": cfg.name, "image_size": cfg.image_size, "device": args.device, "threads": args.threads,
            "bf16": args.bf16, "instances": len(singles), "allocator_keeps_freed_memory": allocator,
+           "page_faults_timed": page_faults,
            "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine(), "model": args.model, "results": results}
     print(json.dumps(out, indent=2))

@@ -70,6 +70,17 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
+def minor_faults() -> int | None:
+    """This process's minor page faults so far (``getrusage``), or None where not available: a timing loop whose
+    count grows paid first touches of fresh memory inside the timed region (warm-up did not reach its memory
+    high-water mark, or the allocator returns memory)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, or ``auto`` (cuda when available)."""
     import torch

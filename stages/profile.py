@@ -42,6 +42,7 @@ from stages.common import (
     StageOutputs,
     add_model_data_args,
     keep_freed_memory,
+    minor_faults,
     resolve_device,
     stage_parser,
     stage_tokenizer,
@@ -159,8 +160,10 @@ def _latency_stats(times: list[float]) -> dict[str, float | int]:
 
 
 def _side_by_side(cfg: ProfileConfig, models: Sequence[SmartTrimModel], singles: list[dict[str, Any]],
-                  batches: list[dict[str, Any]], device: torch.device) -> tuple[list[list[float]], list[list[float]]]:
-    """Warm up every model, then time them interleaved: single-instance times, then batch times (ms)."""
+                  batches: list[dict[str, Any]], device: torch.device
+                  ) -> tuple[list[list[float]], list[list[float]], dict[str, int | None]]:
+    """Warm up every model, then time them interleaved: single-instance times, then batch times (ms), and the
+    page faults paid inside each timed loop (None where not counted)."""
     import torch
 
     fns = [lambda x, m=m: m(to_device(x, device)) for m in models]
@@ -169,12 +172,18 @@ def _side_by_side(cfg: ProfileConfig, models: Sequence[SmartTrimModel], singles:
         for fn in fns:
             for one in singles[: cfg.warmup]:
                 fn(one)
+        start = minor_faults()
         single = interleaved_times(fns, singles, cfg.repeats, timer)
+        mid = minor_faults()
         for fn in fns:
             for batch in batches[:1] * cfg.warmup:
                 fn(batch)
+        mid_batched = minor_faults()
         batched = interleaved_times(fns, batches, cfg.repeats, timer)
-    return single, batched
+        end = minor_faults()
+    faults = {"bs1": None if start is None or mid is None else mid - start,
+              "batched": None if mid_batched is None or end is None else end - mid_batched}
+    return single, batched, faults
 
 
 def _histogram_png(path: Path, macs: list[int], backbone: float, title: str) -> None:
@@ -225,7 +234,7 @@ def run(cfg: ProfileConfig, label: str | None = None) -> StageOutputs:
 
     model.to(device)
     backbone.to(device)
-    (latency, backbone_latency), (batched, backbone_batched) = _side_by_side(
+    (latency, backbone_latency), (batched, backbone_batched), faults = _side_by_side(
         cfg, [model, backbone], singles, batches, device)
     n_batched = sum(len(b["keys"]) for b in batches)
     per_s = n_batched * cfg.repeats / (sum(batched) / 1000)
@@ -255,6 +264,7 @@ def run(cfg: ProfileConfig, label: str | None = None) -> StageOutputs:
             "throughput_efficiency": throughput_speedup / flops_speedup,
             "method": f"interleaved in one process: same instances, same threads, alternating order, "
                       f"{cfg.repeats} passes",
+            "page_faults_timed": faults,
         },
         "config": asdict(cfg),
     }

@@ -30,4 +30,6 @@ def test_adaptive_bench_calibrates_targets_and_reports_every_model(capsys: pytes
                 entry["bs1"]["latency_speedup"] / entry["bs1"]["flops_reduction"], rel=0.01), name
     assert results["smarttrim-2x"]["bs1"]["flops_reduction"] != pytest.approx(
         results["smarttrim-2x"]["flops_reduction"], rel=1e-4), "the first 4 inputs cost differently from all 16"
+    faults = out["page_faults_timed"]
+    assert set(faults) == {"bs1", "bs8"} and all(isinstance(v, int) and v >= 0 for v in faults.values()), faults
     assert capsys.readouterr().out.lstrip().startswith("{"), "stdout is the JSON alone"

@@ -63,6 +63,8 @@ def test_profile_trimmed_model(tmp_path: Path, shards: Path) -> None:
     assert sp["latency_bs1"] == pytest.approx(b["mean"] / m["latency_ms_bs1"]["mean"])
     assert sp["latency_efficiency"] == pytest.approx(sp["latency_bs1"] / sp["flops"])
     assert "interleaved" in sp["method"] and "2 passes" in sp["method"]
+    faults = sp["page_faults_timed"]  # page faults paid inside the timed loops: counted, not assumed
+    assert set(faults) == {"bs1", "batched"} and all(isinstance(v, int) and v >= 0 for v in faults.values())
     assert (tmp_path / "prof" / "flops_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -131,3 +133,24 @@ def test_keep_freed_memory_takes_effect_on_glibc() -> None:
 
     took = keep_freed_memory()
     assert took is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_minor_faults_counts_first_touches_of_fresh_memory() -> None:
+    """``minor_faults`` (what the timing loops report) grows by about one per fresh page written, and not when the
+    same pages are written again."""
+    import mmap
+
+    from stages.common import minor_faults
+
+    pages = 2048
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as buf:  # anonymous memory: no page is backed before it is written
+        start = minor_faults()
+        for i in range(pages):
+            buf[i * mmap.PAGESIZE] = 1
+        first = minor_faults()
+        for i in range(pages):
+            buf[i * mmap.PAGESIZE] = 2
+        again = minor_faults()
+    assert start is not None and first is not None and again is not None
+    assert pages * 0.9 <= first - start <= pages * 1.5
+    assert again - first < pages * 0.1
