@@ -234,19 +234,29 @@ def static(backbone: SmartTrimModel, singles: list[Batch], trim: smarttrim.TrimC
 
 
 # ----------------------------------------------------------------------------------------------- timing
+WARMUP_PASSES = 3
+WARM_FAULTS = 1000
+"""A warm-up pass with fewer page faults than this (4 MB of fresh pages) ends the warm-up."""
+
+
 def interleaved(models: dict[str, SmartTrimModel], inputs: list[Batch], repeats: int, device: torch.device,
                 autocast: bool) -> tuple[dict[str, list[float]], int | None]:
     """Every model on every input, back to back per input (the order reversed on odd inputs), ``repeats`` passes:
-    the profile stage's timer and interleaving, after one untimed pass of every model over every input (so that
-    each reaches its memory high-water mark before timing; one input was not enough: the first timed pass then
-    paid ~10^5 page faults at meter-base, batch size 8). Returns the times and the page faults inside the timed
-    passes (None where not counted)."""
+    the profile stage's timer and interleaving, after untimed passes of every model over every input until one
+    pays (almost) no page faults, at most ``WARMUP_PASSES`` (the heap grows to its high-water mark over a pass or
+    two; one warm-up input was not enough: the first timed pass then paid ~10^5 faults at meter-base, batch size 8,
+    and ~10^6 at 64). Returns the times and the page faults inside the timed passes (None where not counted)."""
     names = list(models)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        for x in inputs:
-            for n in names:
-                models[n](x)
+        for _ in range(WARMUP_PASSES):
+            before = minor_faults()
+            for x in inputs:
+                for n in names:
+                    models[n](x)
+            after = minor_faults()
+            if before is None or after is None or after - before < WARM_FAULTS:
+                break
         start = minor_faults()
         times = interleaved_times([models[n] for n in names], inputs, repeats, partial(timed, device=device))
         end = minor_faults()
