@@ -20,7 +20,10 @@ p90 over all timed single-instance runs), ``throughput`` (the model's instances 
 and ``backbone_throughput``, and ``speedup``: backbone / model mean latency (``latency_bs1``; the mean is what
 the mean FLOPs predict), the ratio of medians (``latency_bs1_median``), model / backbone throughput, backbone
 / model mean MACs (``flops``), each speedup over the FLOPs reduction (``latency_efficiency``,
-``throughput_efficiency``: 1.0 when time falls as fast as FLOPs) and the ``method``.
+``throughput_efficiency``: 1.0 when time falls as fast as FLOPs), the ``method`` and ``page_faults_timed``
+(``bs1`` / ``batched``: the process's page faults inside each timed loop; the allocator keeps freed memory,
+``stages.common.keep_freed_memory``, so a large count means warm-up did not reach the memory high-water mark
+and some model paid first touches of fresh memory while timed).
 
 Writes ``profile.json`` and ``flops_hist.png`` into ``--out`` (atomically: a temp dir, then a swap).
 """
