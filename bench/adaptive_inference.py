@@ -24,8 +24,9 @@ another shard directory). FLOPs: ``smarttrim.flops.analytic_macs`` per instance 
 Speedups are the backbone's time over the model's, summed over the same inputs (batch size 1: mean latency, the
 profile stage's convention; batches: throughput); each batch size's entry carries the FLOPs reduction on exactly
 the inputs it timed, and efficiency = speedup / that reduction. The process's allocator keeps freed memory
-(``stages.common.keep_freed_memory``) and every model makes one untimed pass over the inputs first, so that no
-model pays page faults on fresh activations while timed; ``page_faults_timed`` counts those that remain.
+(``stages.common.keep_freed_memory``) and every model makes untimed passes over the inputs until a pass pays no
+page faults (``stages.profile.warm_up``), so that no model pays first touches of fresh activations while timed;
+``page_faults_timed`` counts those that remain.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ import smarttrim  # noqa: E402
 from smarttrim.flops import analytic_macs, strip_padding  # noqa: E402
 from smarttrim.model import SmartTrimModel  # noqa: E402
 from smarttrim.trimmers import HeadTrimmer, TokenTrimmer  # noqa: E402
-from stages.common import keep_freed_memory, minor_faults, to_device  # noqa: E402
-from stages.profile import interleaved_times, timed  # noqa: E402
+from stages.common import faults_since, keep_freed_memory, minor_faults, to_device  # noqa: E402
+from stages.profile import interleaved_times, timed, warm_up  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
 
@@ -234,33 +235,20 @@ def static(backbone: SmartTrimModel, singles: list[Batch], trim: smarttrim.TrimC
 
 
 # ----------------------------------------------------------------------------------------------- timing
-WARMUP_PASSES = 3
-WARM_FAULTS = 1000
-"""A warm-up pass with fewer page faults than this (4 MB of fresh pages) ends the warm-up."""
-
-
 def interleaved(models: dict[str, SmartTrimModel], inputs: list[Batch], repeats: int, device: torch.device,
                 autocast: bool) -> tuple[dict[str, list[float]], int | None]:
     """Every model on every input, back to back per input (the order reversed on odd inputs), ``repeats`` passes:
-    the profile stage's timer and interleaving, after untimed passes of every model over every input until one
-    pays (almost) no page faults, at most ``WARMUP_PASSES`` (the heap grows to its high-water mark over a pass or
-    two; one warm-up input was not enough: the first timed pass then paid ~10^5 faults at meter-base, batch size 8,
-    and ~10^6 at 64). Returns the times and the page faults inside the timed passes (None where not counted)."""
-    names = list(models)
+    the profile stage's warm-up, timer and interleaving, the warm-up over every input (one warm-up input was not
+    enough: the first timed pass then paid ~10^5 page faults at meter-base, batch size 8, and ~10^6 at 64).
+    Returns the times and the page faults inside the timed passes (None where not counted)."""
+    fns = list(models.values())
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        for _ in range(WARMUP_PASSES):
-            before = minor_faults()
-            for x in inputs:
-                for n in names:
-                    models[n](x)
-            after = minor_faults()
-            if before is None or after is None or after - before < WARM_FAULTS:
-                break
+        warm_up(fns, inputs)
         start = minor_faults()
-        times = interleaved_times([models[n] for n in names], inputs, repeats, partial(timed, device=device))
-        end = minor_faults()
-    return dict(zip(names, times, strict=True)), None if start is None or end is None else end - start
+        times = interleaved_times(fns, inputs, repeats, partial(timed, device=device))
+        faults = faults_since(start)
+    return dict(zip(models, times, strict=True)), faults
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

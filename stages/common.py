@@ -82,6 +82,12 @@ def minor_faults() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def faults_since(start: int | None) -> int | None:
+    """Minor page faults since ``start`` (a ``minor_faults()`` reading), None where not counted."""
+    now = minor_faults()
+    return None if start is None or now is None else now - start
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, or ``auto`` (cuda when available)."""
     import torch

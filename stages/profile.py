@@ -7,7 +7,8 @@
   the untrimmed backbone (the same weights without trimmers) on the same instances.
 * Latency and throughput, side by side: absolute milliseconds from separate runs are not comparable on a
   shared machine, so the model and its untrimmed backbone are timed interleaved in one process, on the
-  same instances, with the same threads: after warm-up of both, each instance (and each batch of
+  same instances, with the same threads: after warm-up of both (``warm_up``: the first ``--warmup`` instances, then
+  the first batch, pass after pass until a pass pays no page faults), each instance (and each batch of
   ``--batch-size``) is run by the model and the backbone back to back, the model first on even instances
   and the backbone first on odd ones, and the whole pass is repeated ``--repeats`` times. CUDA is
   synchronized around every timed call when on GPU. Every figure is recorded with its device, threads and
@@ -44,6 +45,7 @@ from stages.common import (
     ModelDataConfig,
     StageOutputs,
     add_model_data_args,
+    faults_since,
     keep_freed_memory,
     minor_faults,
     resolve_device,
@@ -156,6 +158,25 @@ def interleaved_times(fns: Sequence[Callable[[T], object]], inputs: Sequence[T],
     return times
 
 
+WARM_FAULTS = 1000
+"""A warm-up pass with fewer page faults than this (4 MB of fresh pages) ends the warm-up."""
+
+
+def warm_up(fns: Sequence[Callable[[T], object]], inputs: Sequence[T], max_passes: int = 3) -> int:
+    """Untimed passes of every function over every input until one pays fewer than ``WARM_FAULTS`` page faults
+    (the heap has reached its high-water mark: it grows over a pass or two), at most ``max_passes``; one pass where
+    faults are not counted. Returns the passes run."""
+    for done in range(1, max_passes + 1):
+        start = minor_faults()
+        for x in inputs:
+            for fn in fns:
+                fn(x)
+        faults = faults_since(start)
+        if faults is None or faults < WARM_FAULTS:
+            return done
+    return max_passes
+
+
 def _latency_stats(times: list[float]) -> dict[str, float | int]:
     """Mean, median and p90 (ms) of single-instance times."""
     return {"median": statistics.median(times), "p90": sorted(times)[int(0.9 * (len(times) - 1))],
@@ -171,21 +192,16 @@ def _side_by_side(cfg: ProfileConfig, models: Sequence[SmartTrimModel], singles:
 
     fns = [lambda x, m=m: m(to_device(x, device)) for m in models]
     timer = partial(timed, device=device)
+    faults: dict[str, int | None] = {}
     with torch.inference_mode():
-        for fn in fns:
-            for one in singles[: cfg.warmup]:
-                fn(one)
+        warm_up(fns, singles[: cfg.warmup])
         start = minor_faults()
         single = interleaved_times(fns, singles, cfg.repeats, timer)
-        mid = minor_faults()
-        for fn in fns:
-            for batch in batches[:1] * cfg.warmup:
-                fn(batch)
-        mid_batched = minor_faults()
+        faults["bs1"] = faults_since(start)
+        warm_up(fns, batches[:1], max_passes=max(cfg.warmup, 1))
+        start = minor_faults()
         batched = interleaved_times(fns, batches, cfg.repeats, timer)
-        end = minor_faults()
-    faults = {"bs1": None if start is None or mid is None else mid - start,
-              "batched": None if mid_batched is None or end is None else end - mid_batched}
+        faults["batched"] = faults_since(start)
     return single, batched, faults
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import randomize_trimmers, tiny
 
 import smarttrim
-from stages.profile import ProfileConfig, interleaved_times, main, run
+from stages.profile import ProfileConfig, interleaved_times, main, run, warm_up
 from stages.shard import ShardConfig
 from stages.shard import run as shard
 
@@ -154,3 +154,29 @@ def test_minor_faults_counts_first_touches_of_fresh_memory() -> None:
     assert start is not None and first is not None and again is not None
     assert pages * 0.9 <= first - start <= pages * 1.5
     assert again - first < pages * 0.1
+
+
+def test_warm_up_stops_after_the_first_pass_without_page_faults() -> None:
+    """A function that writes fresh memory on its first call only: pass 1 faults, pass 2 is quiet, so warm-up runs
+    exactly two passes; one that faults on every call runs to the bound."""
+    import mmap
+
+    held: list[mmap.mmap] = []
+
+    def fresh_pages(_: int) -> None:
+        buf = mmap.mmap(-1, 2048 * mmap.PAGESIZE)  # 2048 never-touched pages, kept alive
+        for i in range(2048):
+            buf[i * mmap.PAGESIZE] = 1
+        held.append(buf)
+
+    calls = []
+
+    def first_call_only(x: int) -> None:
+        calls.append(x)
+        if len(calls) == 1:
+            fresh_pages(x)
+
+    assert warm_up([first_call_only], [0, 1]) == 2 and calls == [0, 1, 0, 1]
+    assert warm_up([fresh_pages], [0], max_passes=3) == 3
+    for buf in held:
+        buf.close()
